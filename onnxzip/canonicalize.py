@@ -1,0 +1,374 @@
+"""Canonicalize a graph from any exporter into one form the rest of onnxzip reads.
+
+After this pass: constant subgraphs are folded, Identity/Dropout are gone, BatchNormalization after a
+Conv/Gemm is folded into it, MatMul(+Add) with a constant 2-D weight is a Gemm, every Gemm is
+`Gemm(x, W[out, in], b[out], transB=1)` and every Conv has explicit pads and a bias. Each of those
+Conv/Gemm nodes is a `Layer`: the unit that onnxzip pairs and merges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import UnsupportedGraphError
+from .load import InputSpec, default_opset, input_specs
+from .runtime import make_session, _ort
+
+Shape = tuple[Optional[int], ...]  # None marks the batch dimension
+
+
+@dataclass
+class Layer:
+    """A Conv or Gemm with constant weights, in canonical form."""
+
+    node: gs.Node
+    kind: str  # "conv" or "linear"
+    index: int  # position among the model's layers, in topological order
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.node.inputs[1].values
+
+    @property
+    def bias(self) -> np.ndarray:
+        return self.node.inputs[2].values
+
+    @property
+    def input(self) -> str:
+        return self.node.inputs[0].name
+
+    @property
+    def output(self) -> str:
+        return self.node.outputs[0].name
+
+    @property
+    def width(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def groups(self) -> int:
+        return int(self.node.attrs.get("group", 1)) if self.kind == "conv" else 1
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:]) if self.kind == "conv" else ()
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return tuple(self.node.attrs.get("strides", [1] * len(self.kernel))) if self.kind == "conv" else ()
+
+    def describe(self) -> str:
+        if self.kind == "linear":
+            return f"Gemm {self.weight.shape[1]}->{self.width}"
+        k = "x".join(map(str, self.kernel))
+        s = "x".join(map(str, self.strides))
+        g = f" group={self.groups}" if self.groups > 1 else ""
+        return f"Conv {k}/{s} {self.weight.shape[1] * self.groups}->{self.width}{g}"
+
+
+@dataclass
+class CanonicalModel:
+    """One input model after canonicalization, with every tensor's shape (batch as None)."""
+
+    label: str
+    graph: gs.Graph
+    shapes: dict[str, Shape]
+    layers: list[Layer]
+    opset_imports: list[onnx.OperatorSetIdProto]
+    ir_version: int
+    inputs: list[InputSpec]
+    outputs: list[str]
+    fixed_batch: Optional[int] = None  # a graph exported for one batch size only
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def opset(self) -> int:
+        return next(o.version for o in self.opset_imports if o.domain in ("", "ai.onnx"))
+
+    def producer(self, tensor: str) -> Optional[gs.Node]:
+        t = self.graph.tensors().get(tensor)
+        return t.inputs[0] if t is not None and t.inputs else None
+
+    def to_onnx(self) -> onnx.ModelProto:
+        return export(self.graph, self.opset_imports, self.ir_version)
+
+
+def export(graph: gs.Graph, opset_imports, ir_version: int) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(opset_imports)
+    model.ir_version = ir_version
+    return model
+
+
+def canonicalize(model: onnx.ModelProto, label: str,
+                 probe: dict[str, np.ndarray]) -> CanonicalModel:
+    """Bring `model` into canonical form; `probe` holds a few real input samples (axis 0)."""
+    _ort()  # quiets onnxruntime, which fold_constants uses
+    opsets = list(model.opset_import)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    graph = gs.import_onnx(inferred)
+    graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
+    _remove_identities(graph)
+    shapes, fixed_batch = probe_shapes(graph, opsets, model.ir_version, probe, label)
+    _reshape_to_flatten(graph, shapes)
+    _matmul_to_gemm(graph, shapes)
+    _normalize_gemms(graph)
+    _normalize_convs(graph, shapes)
+    _fold_batchnorms(graph)
+    graph.cleanup().toposort()
+    layers = [Layer(node, "conv" if node.op == "Conv" else "linear", 0)
+              for node in graph.nodes if _is_layer(node)]
+    for i, layer in enumerate(layers):
+        layer.index = i
+    return CanonicalModel(label=label, graph=graph, shapes=shapes, layers=layers, opset_imports=opsets,
+                          ir_version=model.ir_version, inputs=input_specs(model),
+                          outputs=[o.name for o in model.graph.output], fixed_batch=fixed_batch)
+
+
+def _is_layer(node: gs.Node) -> bool:
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) != 3:
+        return False
+    if not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
+        return False
+    if node.op == "Conv":
+        return node.inputs[1].values.ndim == 4  # 2-D convolutions
+    return node.attrs.get("transB") == 1 and not node.attrs.get("transA", 0)
+
+
+def set_inputs(node: gs.Node, tensors) -> None:
+    tensors = list(tensors)  # may alias node.inputs
+    node.inputs.clear()
+    node.inputs.extend(tensors)
+
+
+def set_outputs(node: gs.Node, tensors) -> None:
+    tensors = list(tensors)
+    node.outputs.clear()
+    node.outputs.extend(tensors)
+
+
+def _constant(t) -> Optional[np.ndarray]:
+    return t.values if isinstance(t, gs.Constant) else None
+
+
+def _single_consumer(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    return len(tensor.outputs) == 1 and tensor not in graph.outputs
+
+
+def _remove_identities(graph: gs.Graph) -> None:
+    """Drop Identity and inference-mode Dropout nodes, wiring consumers to their input."""
+    for node in list(graph.nodes):
+        if node.op not in ("Identity", "Dropout"):
+            continue
+        if node.op == "Dropout" and (len(node.inputs) > 2 and _constant(node.inputs[2]) is not None
+                                     and bool(_constant(node.inputs[2]))):
+            continue  # training-mode dropout: leave it; channel analysis will refuse to share across it
+        if any(o.outputs for o in node.outputs[1:]) or node.outputs[0] in graph.outputs:
+            continue
+        src, dst = node.inputs[0], node.outputs[0]
+        for consumer in list(dst.outputs):
+            set_inputs(consumer, [src if t is dst else t for t in consumer.inputs])
+        node.outputs.clear()
+    graph.cleanup()
+
+
+def probe_shapes(graph: gs.Graph, opsets, ir_version: int, probe: dict[str, np.ndarray],
+                 label: str) -> tuple[dict[str, Shape], Optional[int]]:
+    """Every tensor's shape, read by running the graph on 1 and 2 samples: dims that change are batch.
+
+    Exporters leave shapes symbolic in different ways; running the graph is the one source that is
+    always right.
+    """
+    model = export(graph, opsets, ir_version)
+    known = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in known and tensor.dtype is not None:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(tensor.name, elem, None))
+    try:
+        session = make_session(model, ["CPUExecutionProvider"])
+    except Exception as err:
+        raise UnsupportedGraphError(
+            f"'{label}': onnxruntime cannot load the graph ({str(err).splitlines()[0][:300]})") from err
+    names = [o.name for o in session.get_outputs()]
+    feed_names = {i.name for i in session.get_inputs()}
+    fixed = {d for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)
+             for d in [i.shape[0]]}
+    fixed_batch = fixed.pop() if len(fixed) == 1 else None
+    sizes = [fixed_batch] if fixed_batch else [1, 2]
+    runs = []
+    for n in sizes:
+        feeds = {k: v[:n] for k, v in probe.items() if k in feed_names}
+        if any(len(v) < n for v in feeds.values()):
+            raise UnsupportedGraphError(f"'{label}' needs {n} probe samples per input")
+        try:
+            runs.append(dict(zip(names, (np.shape(x) for x in session.run(names, feeds)))))
+        except Exception as err:
+            raise UnsupportedGraphError(
+                f"'{label}' fails to run in onnxruntime on the calibration samples "
+                f"({str(err).splitlines()[0][:300]})") from err
+    feed_shapes = [{k: v[:n].shape for k, v in probe.items()} for n in sizes]
+    shapes: dict[str, Shape] = {}
+    for name in set(runs[0]) | set(feed_shapes[0]):
+        variants = [r.get(name) or f.get(name) for r, f in zip(runs, feed_shapes)]
+        first = variants[0]
+        if any(v is None or len(v) != len(first) for v in variants):
+            continue
+        shapes[name] = tuple(d if all(v[i] == d for v in variants) else None for i, d in enumerate(first))
+    return shapes, fixed_batch
+
+
+def _reshape_to_flatten(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
+    """Reshape (N, C, H, W) -> (N, C*H*W) is a Flatten(axis=1), whatever way the exporter wrote it."""
+    for node in graph.nodes:
+        if node.op != "Reshape":
+            continue
+        src, dst = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
+        if not src or not dst or len(dst) != 2 or len(src) < 2:
+            continue
+        if src[0] is None and dst[0] is None and None not in src[1:] and dst[1] == int(np.prod(src[1:])):
+            node.op = "Flatten"
+            node.attrs = {"axis": 1}
+            set_inputs(node, node.inputs[:1])
+    graph.cleanup()
+
+
+def _matmul_to_gemm(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
+    """MatMul(x, W) [+ b] with constant 2-D W and 2-D x becomes Gemm(x, W^T, b, transB=1)."""
+    for node in list(graph.nodes):
+        if node.op != "MatMul":
+            continue
+        weight = _constant(node.inputs[1])
+        x_shape = shapes.get(node.inputs[0].name)
+        if weight is None or weight.ndim != 2 or not x_shape or len(x_shape) != 2:
+            continue
+        out = node.outputs[0]
+        bias = np.zeros(weight.shape[1], dtype=weight.dtype)
+        add = out.outputs[0] if _single_consumer(out, graph) else None
+        if add is not None and add.op == "Add":
+            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            b = _constant(other)
+            if b is not None and b.size == weight.shape[1] and b.shape[-1:] == (weight.shape[1],):
+                bias = b.reshape(-1).astype(weight.dtype)
+                out = add.outputs[0]
+                add.outputs.clear()
+        x = node.inputs[0]
+        node.outputs.clear()
+        gemm = gs.Node("Gemm", name=node.name or out.name, attrs={"transB": 1},
+                       inputs=[x, _const(node.name, "W", weight.T), _const(node.name, "B", bias)],
+                       outputs=[out])
+        graph.nodes.append(gemm)
+    graph.cleanup().toposort()
+
+
+_counter = [0]
+
+
+def _const(owner: str, kind: str, values: np.ndarray) -> gs.Constant:
+    _counter[0] += 1
+    return gs.Constant(f"{owner or 'layer'}.{kind}.{_counter[0]}", np.ascontiguousarray(values))
+
+
+def _normalize_gemms(graph: gs.Graph) -> None:
+    """Gemm(x, W, C) with constant W and per-output C becomes Gemm(x, W[out,in], b[out], transB=1)."""
+    for node in graph.nodes:
+        if node.op != "Gemm" or node.attrs.get("transA", 0):
+            continue
+        weight = _constant(node.inputs[1])
+        if weight is None:
+            continue
+        alpha = float(node.attrs.get("alpha", 1.0))
+        beta = float(node.attrs.get("beta", 1.0))
+        w = (weight if node.attrs.get("transB", 0) else weight.T) * alpha
+        bias = np.zeros(w.shape[0], dtype=w.dtype)
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            c = _constant(node.inputs[2])
+            if c is None or c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
+                continue  # a bias that varies per sample: not a layer we can merge
+            bias = np.broadcast_to(c.reshape(-1), (w.shape[0],)) * beta
+        node.attrs = {"transB": 1}
+        set_inputs(node, [node.inputs[0], _const(node.name, "W", w.astype(weight.dtype)),
+                          _const(node.name, "B", bias.astype(weight.dtype))])
+
+
+def _normalize_convs(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
+    """Conv gets a bias, explicit pads and every attribute spelled out (auto_pad resolved)."""
+    for node in graph.nodes:
+        if node.op != "Conv":
+            continue
+        weight = _constant(node.inputs[1])
+        if weight is None or weight.ndim != 4:
+            continue
+        if len(node.inputs) < 3 or not node.inputs[2].name:
+            set_inputs(node, node.inputs[:2] + [_const(node.name, "B", np.zeros(weight.shape[0], weight.dtype))])
+        elif _constant(node.inputs[2]) is None:
+            continue
+        kernel = list(weight.shape[2:])
+        attrs = {"kernel_shape": kernel, "strides": list(node.attrs.get("strides", [1, 1])),
+                 "dilations": list(node.attrs.get("dilations", [1, 1])),
+                 "group": int(node.attrs.get("group", 1))}
+        auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        if auto_pad in ("NOTSET", ""):
+            attrs["pads"] = list(node.attrs.get("pads", [0, 0, 0, 0]))
+        elif auto_pad == "VALID":
+            attrs["pads"] = [0, 0, 0, 0]
+        else:
+            attrs["pads"] = _same_pads(shapes[node.inputs[0].name][2:], kernel, attrs["strides"],
+                                       attrs["dilations"], upper=auto_pad == "SAME_UPPER")
+        node.attrs = attrs
+
+
+def _same_pads(spatial, kernel, strides, dilations, upper: bool) -> list[int]:
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        begins.append(small if upper else big)
+        ends.append(big if upper else small)
+    return begins + ends
+
+
+def _fold_batchnorms(graph: gs.Graph) -> None:
+    """BatchNormalization right after a Conv/Gemm layer is folded into its weights (exact)."""
+    for bn in list(graph.nodes):
+        if bn.op != "BatchNormalization" or bn.attrs.get("training_mode", 0):
+            continue
+        x = bn.inputs[0]
+        layer = x.inputs[0] if x.inputs else None
+        if layer is None or not _is_layer(layer) or not _single_consumer(x, graph):
+            continue
+        if any(o.outputs or o in graph.outputs for o in bn.outputs[1:]):
+            continue
+        params = [_constant(t) for t in bn.inputs[1:5]]
+        if any(p is None for p in params):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        w = layer.inputs[1].values.astype(np.float64)
+        b = layer.inputs[2].values.astype(np.float64)
+        dtype = layer.inputs[1].values.dtype
+        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        b = (b - mean) * scale + beta
+        layer.inputs[1] = _const(layer.name, "W", w.astype(dtype))
+        layer.inputs[2] = _const(layer.name, "B", b.astype(dtype))
+        y = bn.outputs[0]
+        bn.outputs.clear()
+        set_outputs(layer, [y])
+    graph.cleanup()
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return default_opset(model)

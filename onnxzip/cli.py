@@ -1,0 +1,214 @@
+"""The `onnxzip` command: merge, inspect (and the service's serve/worker, when installed).
+
+Bad input exits with code 2 and one line on stderr that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Optional
+
+from . import __version__
+from .errors import OnnxZipError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        print(f"onnxzip: error: {message} (see onnxzip {self.prog.split()[-1]} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _share_pairs(text: str) -> dict:
+    """'1=0.5,3=10' -> {'1': 0.5, '3': 10} (float: fraction, int: neuron count)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"'{item}' is not LAYER=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = float(value) if "." in value else int(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxzip", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"onnxzip {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("merge", help="merge two models into one multi-output ONNX model")
+    m.add_argument("models", nargs="+", help="input .onnx files, in task order")
+    m.add_argument("--calibration", required=True, metavar="CALIB.npz",
+                   help="unlabelled inputs, one array per graph input keyed by input name")
+    m.add_argument("--out", required=True, metavar="MERGED.onnx", help="where to write the merged model")
+    m.add_argument("--share", type=float, default=1.0,
+                   help="fraction of each hidden layer's neurons to share (1.0 all, 0 none; default 1.0)")
+    m.add_argument("--tasks", help="comma-separated task names, one per model (default a,b,...)")
+    m.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
+    m.add_argument("--layer-share", type=_share_pairs, default={}, metavar="L=V,...",
+                   help="per-layer override: position or node name = fraction (0.5) or count (10)")
+    m.add_argument("--epsilon", type=float, help="share only pairs with predicted error below this (MTZ)")
+    m.add_argument("--zipper", type=int, metavar="K", help="share the first K layers fully, no others")
+    m.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="use the MTZ paper's formula exactly, without onnxzip's closed-form recovery")
+    m.add_argument("--alpha", type=float, default=0.5, help="weight of task A vs B (default 0.5)")
+    m.add_argument("--damping", type=float, help="Hessian damping lambda (default 1e-2)")
+    m.add_argument("--pairing", choices=["hessian", "random"], default="hessian")
+    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of calibration samples kept to measure fidelity (default 0.2)")
+    m.add_argument("--eval", metavar="TEST.npz",
+                   help="extra evaluation inputs, with optional labels y<task> (ya, yb...) for accuracy")
+    m.add_argument("--providers", help="onnxruntime providers, comma-separated (default: CUDA if usable)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="show how two models' layers align, without merging")
+    i.add_argument("models", nargs="+")
+    i.add_argument("--calibration", metavar="CALIB.npz", help="needed only for dynamic input shapes")
+    i.add_argument("--json", action="store_true", help="print the alignment as JSON")
+
+    _add_service_commands(sub)
+    return parser
+
+
+def _add_service_commands(sub) -> None:
+    s = sub.add_parser("serve", help="run the REST merge service")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--data-dir", default=None)
+    sub.add_parser("worker", help="run a worker for the scale-out queue")
+
+
+def _options(args) -> dict:
+    opts = {"share": args.share, "layer_share": args.layer_share, "epsilon": args.epsilon,
+            "zipper": args.zipper, "calibrate": args.calibrate, "alpha": args.alpha,
+            "pairing": args.pairing, "batch_size": args.batch_size, "holdout": args.holdout}
+    if args.damping is not None:
+        opts["damping"] = args.damping
+    if args.tasks:
+        opts["tasks"] = [t.strip() for t in args.tasks.split(",")]
+    if args.providers:
+        opts["providers"] = [p.strip() for p in args.providers.split(",")]
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+class _Bars:
+    """tqdm bars per stage, on stderr."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=100, desc=f"{stage:<12}", file=sys.stderr, leave=True,
+                            bar_format="{desc} {bar} {percentage:3.0f}% {postfix}")
+        self.bar.n = int(round(fraction * 100))
+        self.bar.set_postfix_str(message, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write next to the target and rename: a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".onnxzip-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_merge(args) -> int:
+    from .zipper import merge
+
+    bars = _Bars(args.quiet)
+    try:
+        model, report = merge(args.models, args.calibration, _options(args), evaluation=args.eval,
+                              progress=bars)
+    finally:
+        bars.close()
+    _write_atomic(args.out, model.SerializeToString())
+    if args.report:
+        _write_atomic(args.report, json.dumps(report, indent=2).encode())
+    print(summary(report, args.out))
+    return 0
+
+
+def summary(report: dict, out: str) -> str:
+    t = report["totals"]
+    lines = [f"wrote {out}: {t['shared_neurons']} neurons shared in "
+             f"{sum(1 for r in report['layers'] if r['shared'])} layers; parameters x{t['param_ratio']} smaller, "
+             f"multiply-adds x{t['macs_ratio']} fewer, file x{t['size_ratio']} smaller than the inputs together"]
+    for task, fid in (report.get("fidelity") or {}).items():
+        parts = [f"rel. error {fid.get('rel_err', 0):.4f}"]
+        if "top1_agreement" in fid:
+            parts.append(f"top-1 agreement {fid['top1_agreement']:.4f}")
+        lines.append(f"  task {task}: {', '.join(parts)} on {fid['samples']} held-out calibration samples")
+    for task, fid in (report.get("evaluation") or {}).items():
+        if "accuracy_merged" in fid:
+            lines.append(f"  task {task}: accuracy {fid['accuracy_original']:.4f} -> {fid['accuracy_merged']:.4f}"
+                         f" on {fid['samples']} evaluation samples")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_models, format_table
+
+    info = inspect_models(args.models, args.calibration)
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from service.main import serve
+    except ImportError as err:
+        raise OnnxZipError(f"the REST service is not available in this install ({err})") from err
+    serve(host=args.host, port=args.port, data_dir=args.data_dir)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    try:
+        from service.worker import run_worker
+    except ImportError as err:
+        raise OnnxZipError(f"the queue worker is not available in this install ({err})") from err
+    run_worker()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"merge": cmd_merge, "inspect": cmd_inspect, "serve": cmd_serve, "worker": cmd_worker}[args.command]
+    try:
+        return handler(args)
+    except OnnxZipError as err:
+        print("onnxzip: error: " + " ".join(str(err).split()), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("onnxzip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Write the merged model: every task's graph with its merged weights, then shared work deduplicated.
+
+Each task's canonical graph is exported with its view weights and prefixed `<task>/`. Weights are cut
+into blocks by owner set (rows by the neurons' owners, columns by the inputs' owners) and every block
+is stored once, named by its content; a task's weight is the Concat of its blocks (a constant
+subgraph that onnxruntime and TensorRT fold at load). Then common-subexpression elimination merges
+nodes that compute the same thing from the same inputs: the shared trunk ends up computed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .canonicalize import Layer
+from .state import ZipState
+
+
+@dataclass
+class Emitted:
+    model: onnx.ModelProto
+    layer_nodes: dict[tuple[str, int], str] = field(default_factory=dict)  # (task, layer) -> node kept
+    layer_params: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # -> initializers
+
+
+def emit(state: ZipState) -> Emitted:
+    al = state.al
+    tasks = al.tasks
+    initializers: dict[str, onnx.TensorProto] = {}
+    nodes: list[onnx.NodeProto] = []
+    layer_node_names: dict[tuple[str, int], str] = {}
+    layer_params: dict[tuple[str, int], set[str]] = {}
+    for task in tasks:
+        model = al.models[task]
+        proto = model.to_onnx()
+        subs = state.substitutions(task, model.graph.nodes)
+        blocks = {layer.node.name: _blocks(state, task, layer) for layer in model.layers}
+        stored: dict[str, set[str]] = {}
+        nodes.extend(_task_graph(proto, task, subs, blocks, initializers, stored))
+        for layer in model.layers:
+            layer_node_names[(task, layer.index)] = f"{task}/{layer.node.name}"
+            layer_params[(task, layer.index)] = stored.get(layer.node.name, set())
+    kept, rename, alias = _dedupe(nodes)
+    outputs, value_infos = [], []
+    for task in tasks:
+        for out in al.models[task].to_onnx().graph.output:
+            name = f"{task}/{out.name}"
+            source = rename.get(name, name)
+            if source != name:
+                kept.append(helper.make_node("Identity", [source], [name], name=f"{name}/identity"))
+            value = onnx.ValueInfoProto()
+            value.CopyFrom(out)
+            value.name = name
+            outputs.append(value)
+    inputs, seen = [], set()
+    for task in tasks:
+        for value in al.models[task].to_onnx().graph.input:
+            if value.name not in seen and value.name in {i.name for i in al.models[task].inputs}:
+                seen.add(value.name)
+                inputs.append(value)
+    used = {name for n in kept for name in n.input}
+    graph = helper.make_graph(kept, "onnxzip_merged", inputs, outputs,
+                              initializer=[t for name, t in initializers.items() if name in used])
+    model = helper.make_model(graph, opset_imports=_opsets(al), producer_name="onnxzip")
+    model.ir_version = max(al.models[t].ir_version for t in tasks)
+    layer_nodes = {k: alias.get(v, v) for k, v in layer_node_names.items()}
+    return Emitted(model, layer_nodes, layer_params)
+
+
+def _opsets(al) -> list[onnx.OperatorSetIdProto]:
+    versions: dict[str, int] = {}
+    for t in al.tasks:
+        for o in al.models[t].opset_imports:
+            domain = "" if o.domain == "ai.onnx" else o.domain
+            versions[domain] = max(versions.get(domain, 0), o.version)
+    return [helper.make_opsetid(d, v) for d, v in sorted(versions.items())]
+
+
+def _blocks(state: ZipState, task: str, layer: Layer):
+    """Row and column runs of equal owner sets for this task's view of the layer."""
+    view = state.view(task, state.al.channels[task].layer_out[layer.index])
+    row_owners = [view.owners[u] for u in view.view_to_union(task)]
+    imap = state.in_map(task, layer)
+    col_owners = [imap.owners[u] for u in imap.union] if imap is not None else [frozenset([task])] * layer.weight.shape[1]
+    return _runs(row_owners), _runs(col_owners)
+
+
+def _runs(owners: list) -> list[tuple[int, int]]:
+    runs, start = [], 0
+    for i in range(1, len(owners) + 1):
+        if i == len(owners) or owners[i] != owners[start]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def _content_name(array: np.ndarray, hint: str) -> str:
+    digest = hashlib.sha1(array.tobytes() + str(array.shape).encode() + str(array.dtype).encode())
+    return f"{hint}.{digest.hexdigest()[:12]}"
+
+
+def _store(array: np.ndarray, hint: str, initializers: dict) -> str:
+    name = _content_name(array, hint)
+    if name not in initializers:
+        initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    return name
+
+
+def _task_graph(proto: onnx.ModelProto, task: str, subs: dict, blocks: dict, initializers: dict,
+                stored: dict[str, set[str]]) -> list[onnx.NodeProto]:
+    """This task's nodes, renamed `<task>/...`, with constants stored by content."""
+    graph_inputs = {i.name for i in proto.graph.input}
+    init_values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    init_values.update(subs)
+    const_names: dict[str, str] = {}
+    extra_nodes: list[onnx.NodeProto] = []
+    weight_inputs = {}  # initializer name -> (node name, position) for layer weights
+    for node in proto.graph.node:
+        if node.name in blocks and node.op_type in ("Conv", "Gemm"):
+            weight_inputs[node.input[1]] = (node.name, "W")
+            weight_inputs[node.input[2]] = (node.name, "B")
+    for name, values in init_values.items():
+        # Names come from content only, so equal blocks of different tasks become one initializer.
+        hint = {"W": "weight", "B": "bias"}.get(weight_inputs.get(name, ("", ""))[1], "const")
+        if name in weight_inputs:
+            node_name, kind = weight_inputs[name]
+            names = stored.setdefault(node_name, set())
+            const_names[name] = _blocked(values, kind, blocks[node_name], f"{task}/{node_name}/{kind}",
+                                         hint, initializers, extra_nodes, names)
+        else:
+            const_names[name] = _store(values, hint, initializers)
+
+    def rename(tensor: str) -> str:
+        if not tensor or tensor in graph_inputs:
+            return tensor
+        return const_names.get(tensor, f"{task}/{tensor}")
+
+    out = list(extra_nodes)
+    for node in proto.graph.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.name = f"{task}/{node.name}"
+        del new.input[:]
+        new.input.extend(rename(i) for i in node.input)
+        del new.output[:]
+        new.output.extend(rename(o) for o in node.output)
+        out.append(new)
+    return out
+
+
+def _blocked(values: np.ndarray, kind: str, runs, base: str, hint: str, initializers: dict,
+             extra_nodes: list, names: set[str]) -> str:
+    """Store a layer weight as owner-set blocks; return the tensor name that holds the whole weight."""
+    row_runs, col_runs = runs
+
+    def store(block):
+        name = _store(block, hint, initializers)
+        names.add(name)
+        return name
+
+    if kind == "B":
+        parts = [store(values[a:b]) for a, b in row_runs]
+        return _concat(parts, 0, f"{base}", extra_nodes)
+    rows = []
+    for r, (a, b) in enumerate(row_runs):
+        cols = [store(values[a:b, c:d]) for c, d in col_runs]
+        rows.append(_concat(cols, 1, f"{base}/r{r}", extra_nodes))
+    return _concat(rows, 0, base, extra_nodes)
+
+
+def _concat(parts: list[str], axis: int, name: str, extra_nodes: list) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    extra_nodes.append(helper.make_node("Concat", parts, [name], name=f"{name}/concat", axis=axis))
+    return name
+
+
+def _dedupe(nodes: list[onnx.NodeProto]):
+    """Common-subexpression elimination: a node with the same op, attributes and (renamed) inputs as
+    an earlier one is dropped and its outputs point at the earlier node's.
+
+    Returns the kept nodes, tensor renames, and dropped node name -> kept node name.
+    """
+    rename: dict[str, str] = {}
+    alias: dict[str, str] = {}
+    seen: dict[tuple, onnx.NodeProto] = {}
+    kept = []
+    for node in nodes:
+        inputs = tuple(rename.get(i, i) for i in node.input)
+        key = (node.domain, node.op_type, inputs,
+               tuple(sorted(a.SerializeToString() for a in node.attribute)), len(node.output))
+        if key in seen:
+            for mine, theirs in zip(node.output, seen[key].output):
+                rename[mine] = theirs
+            alias[node.name] = seen[key].name
+            continue
+        del node.input[:]
+        node.input.extend(inputs)
+        seen[key] = node
+        kept.append(node)
+    return kept, rename, alias

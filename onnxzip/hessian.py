@@ -1,0 +1,76 @@
+"""Streaming second moments of a layer's inputs: the layer Hessians of MTZ, accumulated batch by batch.
+
+For a fully connected layer a row of X is one sample's input; for a convolution it is one k*k*C_in
+patch (im2col), so a batch contributes samples*H_out*W_out rows. Moments are kept in float64; the
+activations themselves never are, and only one batch of them is alive at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .canonicalize import Layer
+
+# Rows multiplied at once: bounds the float64 temporaries of one update.
+_CHUNK_ROWS = 8192
+
+
+def layer_rows(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """The rows the layer's weights see: x itself for Gemm, im2col patches for Conv."""
+    if layer.kind == "linear":
+        return x.reshape(len(x), -1)
+    attrs = layer.node.attrs
+    return im2col(x, layer.kernel, attrs["strides"], attrs["pads"], attrs["dilations"])
+
+
+def output_rows(layer: Layer, y: np.ndarray) -> np.ndarray:
+    """A layer's pre-activations as rows matching `layer_rows` (channels last)."""
+    if layer.kind == "linear":
+        return y.reshape(len(y), -1)
+    return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """(b, C, H, W) -> (b*H_out*W_out, C*kh*kw), columns ordered like W.reshape(out, -1)."""
+    b, c, h, w = x.shape
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    pt, pl, pb, pr = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(pads) else x
+    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((b, ho, wo, c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            window = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+            cols[:, :, :, :, i, j] = window.transpose(0, 2, 3, 1)
+    return cols.reshape(b * ho * wo, c * kh * kw)
+
+
+class Moments:
+    """Running sum of [x, 1][x, 1]^T (and of [x, 1] y^T when targets are given), plus the row count."""
+
+    def __init__(self, dim: int, targets: Optional[int] = None):
+        self.gram = np.zeros((dim + 1, dim + 1))
+        self.cross = np.zeros((dim + 1, targets)) if targets else None
+        self.rows = 0
+
+    def update(self, x: np.ndarray, y: Optional[np.ndarray] = None) -> None:
+        for start in range(0, len(x), _CHUNK_ROWS):
+            xb = np.empty((min(_CHUNK_ROWS, len(x) - start), x.shape[1] + 1))
+            xb[:, :-1] = x[start:start + len(xb)]
+            xb[:, -1] = 1.0
+            self.gram += xb.T @ xb
+            if self.cross is not None:
+                self.cross += xb.T @ y[start:start + len(xb)]
+        self.rows += len(x)
+
+    def hessian(self, weight: float) -> np.ndarray:
+        """weight/n * sum x x^T: MTZ's layer Hessian (eq. 7-8) with alpha or 1-alpha as weight."""
+        return self.gram * (weight / max(self.rows, 1))
+
+    def cross_moment(self, weight: float) -> np.ndarray:
+        return self.cross * (weight / max(self.rows, 1))

@@ -1,0 +1,61 @@
+"""`onnxzip inspect`: how the models' layers align and what can be shared, without merging."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .options import MergeOptions
+from .zipper import prepare
+
+
+def inspect_models(models: Sequence[str], calibration: Optional[str] = None,
+                   options: Optional[MergeOptions] = None) -> dict:
+    prepared = prepare(models, calibration, options or MergeOptions())
+    al = prepared.alignment
+    tasks = prepared.tasks
+    rows = []
+    joint = {j.position: j for j in al.joint}
+    depth = max(len(al.models[t].layers) for t in tasks)
+    for pos in range(1, depth + 1):
+        layers = {t: al.models[t].layers[pos - 1] for t in tasks if pos <= len(al.models[t].layers)}
+        j = joint.get(pos)
+        rows.append({
+            "position": pos,
+            "op": {t: l.describe() for t, l in layers.items()},
+            "names": {t: l.name for t, l in layers.items()},
+            "widths": {t: l.width for t, l in layers.items()},
+            "shareable": bool(j and j.shareable),
+            "why_not": (j.reason if j and not j.shareable else None if j else "beyond the aligned layers"),
+        })
+    return {
+        "tasks": tasks,
+        "models": {t: {"source": al.models[t].label, "opset": al.models[t].opset,
+                       "ir_version": al.models[t].ir_version, "inputs": [i.name for i in al.models[t].inputs],
+                       "outputs": al.models[t].outputs} for t in tasks},
+        "layers": rows,
+        "aligned_layers": len(al.joint),
+        "shareable_layers": sum(1 for r in rows if r["shareable"]),
+        "stop_reason": al.stop_reason,
+    }
+
+
+def format_table(info: dict) -> str:
+    tasks = info["tasks"]
+    lines = []
+    for t in tasks:
+        m = info["models"][t]
+        lines.append(f"model {t}: {m['source']} (opset {m['opset']}, IR {m['ir_version']}), "
+                     f"inputs {', '.join(m['inputs'])}, outputs {', '.join(m['outputs'])}")
+    header = ["#"] + [f"layer {t}" for t in tasks] + ["widths", "shareable"]
+    table = [header]
+    for r in info["layers"]:
+        widths = "/".join(str(r["widths"].get(t, "-")) for t in tasks)
+        ops = [f"{r['op'][t]} ({r['names'][t]})" if t in r["op"] else "-" for t in tasks]
+        table.append([str(r["position"])] + ops + [widths, "yes" if r["shareable"] else f"no: {r['why_not']}"])
+    sizes = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        lines.append("  ".join(cell.ljust(size) for cell, size in zip(row, sizes)).rstrip())
+    lines.append(f"{info['shareable_layers']} of {len(info['layers'])} layer positions can be shared")
+    if info["stop_reason"]:
+        lines.append(f"alignment stops at {info['stop_reason']}")
+    return "\n".join(lines)

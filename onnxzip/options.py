@@ -1,0 +1,110 @@
+"""Merge settings: one object with defaults and a one-line reason each (CLI flags and REST mirror it)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import InvalidOptionsError
+
+TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
+
+
+class MergeOptions(BaseModel):
+    """How much to share and how to merge; every field has a safe default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Fraction of each hidden layer's neurons shared between the models "
+        "(1.0 = every hidden layer fully merged, 0 = nothing shared).")
+    layer_share: dict[str, Union[int, float]] = Field(
+        default_factory=dict,
+        description="Per-layer override, keyed by layer index (1-based, as `inspect` prints) or by "
+        "model A's node name: an int is a neuron count, a float a fraction.")
+    epsilon: Optional[float] = Field(
+        None, ge=0.0,
+        description="MTZ's threshold: share only pairs whose predicted error d is below it "
+        "(applied on top of share).")
+    zipper: Optional[int] = Field(
+        None, ge=0,
+        description="Zippering: share the first k mergeable layers fully and keep the rest per task "
+        "(overrides share).")
+    calibrate: bool = Field(
+        True,
+        description="Recover accuracy in closed form from the merged model's own activations and refit "
+        "output layers; false applies the MTZ paper's formula exactly.")
+    alpha: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="Weight of task A's error against task B's (MTZ eq. 5); 0.5 treats them alike.")
+    damping: float = Field(
+        1e-2, ge=0.0,
+        description="Ridge term lambda*mean(diag(H)) added to each Hessian: keeps solves stable when "
+        "calibration data does not span a layer's input.")
+    pairing: Literal["hessian", "random"] = Field(
+        "hessian",
+        description="How neurons are paired: MTZ's Hessian cost with optimal assignment, or random "
+        "(a baseline for ablations).")
+    batch_size: int = Field(
+        64, ge=1, le=65536,
+        description="Calibration samples per onnxruntime call; bounds activation memory.")
+    holdout: float = Field(
+        0.2, ge=0.0, lt=1.0,
+        description="Fraction of calibration samples kept out of merging and used only to measure "
+        "fidelity in the report.")
+    tasks: Optional[list[str]] = Field(
+        None,
+        description="Task names, one per model, used in output names '<task>/<output>' "
+        "(default a, b, c, ...).")
+    providers: Optional[list[str]] = Field(
+        None,
+        description="onnxruntime execution providers; default: CUDA when it really loads, else CPU.")
+    seed: int = Field(0, description="Seed for random pairing and the holdout split.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks):
+        if tasks is None:
+            return tasks
+        for t in tasks:
+            if not TASK_NAME.match(t):
+                raise ValueError(
+                    f"task name {t!r} must start with a letter and hold only letters, digits, '_' or '-' "
+                    "(at most 32 characters)")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be distinct, got {tasks}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _layer_share_values(self):
+        for key, value in self.layer_share.items():
+            if isinstance(value, float) and not 0.0 <= value <= 1.0:
+                raise ValueError(f"layer_share[{key!r}] = {value}: a fraction must lie in [0, 1]")
+            if isinstance(value, int) and value < 0:
+                raise ValueError(f"layer_share[{key!r}] = {value}: a neuron count cannot be negative")
+        return self
+
+    def task_names(self, n_models: int) -> list[str]:
+        """The task name of each model, checked against the number of models."""
+        if self.tasks is None:
+            return [chr(ord("a") + i) for i in range(n_models)]
+        if len(self.tasks) != n_models:
+            raise InvalidOptionsError(
+                f"{len(self.tasks)} task names given ({','.join(self.tasks)}) for {n_models} models: "
+                "give one name per model, in the models' order")
+        return list(self.tasks)
+
+
+def parse_options(data: dict | None) -> MergeOptions:
+    """Validate a plain dict (from JSON or CLI) into MergeOptions, raising InvalidOptionsError."""
+    from pydantic import ValidationError
+
+    try:
+        return MergeOptions(**(data or {}))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise InvalidOptionsError(f"option {where}: {first['msg']}") from err

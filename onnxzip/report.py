@@ -1,0 +1,153 @@
+"""report.json: per layer what was shared and what it cost, totals, and fidelity on held-out samples."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .canonicalize import Layer
+from .runtime import make_session
+
+
+def layer_macs(layer: Layer, shapes) -> int:
+    """Multiply-adds of one sample through the layer."""
+    per_output = int(np.prod(layer.weight.shape[1:]))
+    out_shape = shapes.get(layer.output) or ()
+    positions = int(np.prod([d for d in out_shape[2:] if d is not None], dtype=np.int64)) if layer.kind == "conv" else 1
+    return per_output * layer.width * positions
+
+
+def layer_params(layer: Layer) -> int:
+    return int(layer.weight.size + layer.bias.size)
+
+
+def build(prepared, state, emitted, records, options, seconds: float, evaluation=None) -> dict:
+    al = prepared.alignment
+    inits = {t.name: int(np.prod(t.dims)) for t in emitted.model.graph.initializer}
+    layers, all_after = [], set()
+    totals = dict(params_before=0, params_after=0, macs_before=0, macs_after=0)
+    for rec in records:
+        row = _layer_row(rec, al, emitted, inits, all_after)
+        layers.append(row)
+        for key in totals:
+            totals[key] += row[key]
+    totals["params_after"] = sum(inits[n] for n in all_after)  # blocks shared across layers counted once
+    model_params_before = sum(_params(m) for m in prepared.originals.values())
+    model_params_after = _params(emitted.model)
+    bytes_before = sum(m.ByteSize() for m in prepared.originals.values())
+    bytes_after = emitted.model.ByteSize()
+    totals.update(
+        model_params_before=model_params_before, model_params_after=model_params_after,
+        param_ratio=_ratio(model_params_before, model_params_after),
+        macs_ratio=_ratio(totals["macs_before"], totals["macs_after"]),
+        bytes_before=bytes_before, bytes_after=bytes_after, size_ratio=_ratio(bytes_before, bytes_after),
+        shared_neurons=sum(r["shared"] for r in layers))
+    return {
+        "onnxzip": __version__,
+        "tasks": prepared.tasks,
+        "models": {t: {"source": al.models[t].label, "opset": al.models[t].opset,
+                       "ir_version": al.models[t].ir_version, "layers": len(al.models[t].layers),
+                       "outputs": [f"{t}/{o}" for o in al.models[t].outputs]} for t in prepared.tasks},
+        "options": options.model_dump(),
+        "alignment": {"aligned_layers": len(al.joint), "stop_reason": al.stop_reason},
+        "calibration": {"fit_samples": _n(prepared.fit), "holdout_samples": _n(prepared.holdout)},
+        "layers": layers,
+        "totals": totals,
+        "fidelity": fidelity(prepared.originals, emitted.model, prepared.holdout, prepared.tasks,
+                             options.providers),
+        "evaluation": (fidelity(prepared.originals, emitted.model, evaluation[0], prepared.tasks,
+                                options.providers, evaluation[1]) if evaluation else None),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _layer_row(rec, al, emitted, inits, all_after) -> dict:
+    tasks = list(rec.layers)
+    any_layer = next(iter(rec.layers.values()))
+    nodes, params = {}, set()
+    for t, layer in rec.layers.items():
+        nodes.setdefault(emitted.layer_nodes[(t, layer.index)], (t, layer))
+        params |= emitted.layer_params[(t, layer.index)]
+    all_after |= params
+    res = rec.result
+    costs = res.costs if res is not None else np.zeros(0)
+    return {
+        "position": rec.position,
+        "names": {t: l.name for t, l in rec.layers.items()},
+        "kind": any_layer.kind,
+        "op": any_layer.describe(),
+        "widths": {t: l.width for t, l in rec.layers.items()},
+        "joint": rec.joint is not None,
+        "shareable": bool(rec.joint and rec.joint.shareable),
+        "not_shared_because": (rec.joint.reason if rec.joint and not rec.joint.shareable
+                               else None if rec.joint else "beyond the aligned layers"),
+        "planned": rec.planned,
+        "shared": len(res.pairs) if res is not None else 0,
+        "predicted_error": float(costs.sum()),
+        "predicted_error_max": float(costs.max()) if costs.size else 0.0,
+        "params_before": sum(layer_params(l) for l in rec.layers.values()),
+        "params_after": sum(inits[n] for n in params),
+        "macs_before": sum(layer_macs(l, al.models[t].shapes) for t, l in rec.layers.items()),
+        "macs_after": sum(layer_macs(l, al.models[t].shapes) for t, l in nodes.values()),
+        "computed_once": len(nodes) == 1 and len(tasks) > 1,
+    }
+
+
+def fidelity(originals: dict[str, onnx.ModelProto], merged: onnx.ModelProto, data: dict[str, np.ndarray],
+             tasks: list[str], providers=None, labels: Optional[dict[str, np.ndarray]] = None) -> dict:
+    """Per task: relative output error and top-1 agreement of the merged model with the original."""
+    if not data or _n(data) == 0:
+        return {}
+    session = make_session(merged, providers, optimize=True)
+    merged_inputs = {i.name for i in session.get_inputs()}
+    result = {}
+    for t in tasks:
+        ref_session = make_session(originals[t], providers, optimize=True)
+        names = [o.name for o in ref_session.get_outputs()]
+        feeds = {i.name: data[i.name] for i in ref_session.get_inputs()}
+        ref = ref_session.run(names, feeds)
+        got = session.run([f"{t}/{n}" for n in names], {k: v for k, v in data.items() if k in merged_inputs})
+        result[t] = _compare(names, ref, got, (labels or {}).get(t))
+        result[t]["samples"] = _n(data)
+    return result
+
+
+def _compare(names, ref, got, y) -> dict:
+    out: dict = {"outputs": {}}
+    main = None
+    for name, r, g in zip(names, ref, got):
+        r, g = np.asarray(r), np.asarray(g)
+        entry: dict = {}
+        if r.dtype.kind == "f":
+            entry["rel_err"] = float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
+            entry["max_abs_err"] = float(np.max(np.abs(g - r))) if r.size else 0.0
+            if r.ndim == 2 and r.shape[1] > 1:
+                entry["top1_agreement"] = float(np.mean(g.argmax(1) == r.argmax(1)))
+                if y is not None:
+                    entry["accuracy_original"] = float(np.mean(r.argmax(1) == y))
+                    entry["accuracy_merged"] = float(np.mean(g.argmax(1) == y))
+                main = main or entry
+        else:
+            entry["agreement"] = float(np.mean(g == r)) if r.shape == g.shape else 0.0
+        out["outputs"][name] = entry
+    if main:
+        out.update({k: v for k, v in main.items() if k != "max_abs_err"})
+    elif out["outputs"]:
+        first = next(iter(out["outputs"].values()))
+        out.update(first)
+    return out
+
+
+def _params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def _ratio(before: float, after: float) -> Optional[float]:
+    return round(before / after, 4) if after else None
+
+
+def _n(data: dict) -> int:
+    return len(next(iter(data.values()))) if data else 0

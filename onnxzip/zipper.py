@@ -1,0 +1,285 @@
+"""The pipeline, in order: load -> canonicalize -> channel groups + alignment -> capture + Hessians ->
+pair + merge -> emit -> report. `merge()` is the Python API; the CLI and the service call it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+
+from . import report as reporting
+from .align import Alignment, JointLayer, align
+from .canonicalize import CanonicalModel, Layer, canonicalize
+from .capture import Frontier
+from .channels import analyze
+from .emit import emit
+from .errors import CancelledError, InvalidCalibrationError, InvalidOptionsError, UnsupportedGraphError
+from .hessian import Moments, layer_rows, output_rows
+from .layerzip import TaskSide, ZipResult, refit, zip_pair
+from .load import InputSpec, check_model, input_specs, load_calibration, load_labels, load_model
+from .options import MergeOptions, parse_options
+from .runtime import default_providers
+from .state import ZipState
+
+ModelSource = Union[str, onnx.ModelProto]
+Progress = Callable[[str, float, str], None]  # (stage, fraction of that stage, message)
+
+
+@dataclass
+class Prepared:
+    """Everything known before any merging: canonical models, alignment, calibration split."""
+
+    tasks: list[str]
+    alignment: Alignment
+    fit: dict[str, np.ndarray]
+    holdout: dict[str, np.ndarray]
+    originals: dict[str, onnx.ModelProto]
+    warnings: list[str] = field(default_factory=list)
+
+
+def merge(models: Sequence[ModelSource], calibration: Union[str, dict], options=None, *,
+          evaluation: Optional[str] = None,
+          progress: Optional[Progress] = None,
+          should_cancel: Optional[Callable[[], bool]] = None) -> tuple[onnx.ModelProto, dict]:
+    """Merge `models` (paths or ModelProtos, in task order) into one multi-output ONNX model.
+
+    Args:
+        calibration: an .npz path or a dict of arrays, one per graph input (samples on axis 0).
+        options: MergeOptions or a dict of its fields (see `onnxzip merge --help`).
+        evaluation: optional .npz with the same inputs plus labels 'y<task>'; the report then also
+            measures fidelity and accuracy on it.
+        progress: called as progress(stage, fraction, message) as work advances.
+        should_cancel: polled between stages; returning True stops with CancelledError.
+    Returns:
+        (merged ModelProto, report dict).
+    """
+    options = options if isinstance(options, MergeOptions) else parse_options(options)
+    progress = progress or (lambda stage, fraction, message: None)
+    cancel = should_cancel or (lambda: False)
+    started = time.perf_counter()
+    prepared = prepare(models, calibration, options, progress)
+    eval_data = _evaluation(evaluation, prepared) if evaluation is not None else None
+    _check(cancel)
+    state, rows = zip_layers(prepared, options, progress, cancel)
+    progress("emit", 0.0, "writing the merged model")
+    emitted = emit(state)
+    _validate(emitted.model)
+    progress("emit", 1.0, "merged model written")
+    _check(cancel)
+    progress("report", 0.0, "measuring fidelity on held-out samples")
+    report = reporting.build(prepared, state, emitted, rows, options,
+                             seconds=time.perf_counter() - started, evaluation=eval_data)
+    progress("report", 1.0, "done")
+    return emitted.model, report
+
+
+def prepare(models: Sequence[ModelSource], calibration, options: MergeOptions,
+            progress: Progress = lambda *a: None) -> Prepared:
+    """Load, validate, canonicalize and align; no merging yet (what `inspect` shows)."""
+    if len(models) < 2:
+        raise InvalidOptionsError(f"give at least two models to merge, got {len(models)}")
+    if len(models) > 2:
+        raise UnsupportedGraphError("merging more than two models at once is not supported yet: "
+                                    "merge two, then merge the result's tasks separately")
+    tasks = options.task_names(len(models))
+    progress("load", 0.0, "reading models")
+    originals = {t: _load(m) for t, m in zip(tasks, models)}
+    specs = _input_specs(originals)
+    if calibration is not None:
+        progress("load", 0.5, "reading calibration data")
+        fit, holdout = split(_calibration(calibration, specs), options.holdout, options.seed)
+        probe = {k: v[:2] for k, v in fit.items()}
+    else:  # inspect without data: random samples of the declared shapes are enough to read shapes
+        fit, holdout, probe = {}, {}, _synthetic_probe(specs)
+    canon: dict[str, CanonicalModel] = {}
+    for i, t in enumerate(tasks):
+        progress("canonicalize", i / len(tasks), f"canonicalizing model {t}")
+        canon[t] = canonicalize(originals[t], _label(models[i], t), probe)
+    channels = {t: analyze(canon[t]) for t in tasks}
+    alignment = align(tasks, canon, channels)
+    progress("canonicalize", 1.0, "models aligned")
+    return Prepared(tasks, alignment, fit, holdout, originals)
+
+
+def _synthetic_probe(specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    probe = {}
+    for spec in specs:
+        if None in spec.shape[1:]:
+            raise InvalidCalibrationError(
+                f"input '{spec.name}' has dynamic dimensions {spec.shape}: pass --calibration so onnxzip "
+                "can see real shapes")
+        shape = (2,) + tuple(spec.shape[1:])
+        probe[spec.name] = (np.random.default_rng(0).random(shape) if spec.dtype.kind == "f"
+                            else np.zeros(shape)).astype(spec.dtype)
+    return probe
+
+
+def _evaluation(path: str, prepared: Prepared):
+    inputs = load_calibration(str(path), _input_specs(prepared.originals))
+    return inputs, load_labels(str(path), prepared.tasks, len(next(iter(inputs.values()))))
+
+
+def _label(source: ModelSource, task: str) -> str:
+    return source if isinstance(source, str) else f"model {task}"
+
+
+def _load(source: ModelSource) -> onnx.ModelProto:
+    if isinstance(source, onnx.ModelProto):
+        check_model(source, source.graph.name or "model")
+        return source
+    return load_model(str(source))
+
+
+def _input_specs(originals: dict[str, onnx.ModelProto]) -> list[InputSpec]:
+    specs: dict[str, InputSpec] = {}
+    for model in originals.values():
+        for spec in input_specs(model):
+            specs.setdefault(spec.name, spec)
+    return list(specs.values())
+
+
+def _calibration(calibration, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    if isinstance(calibration, dict):
+        import io
+        buffer = io.BytesIO()
+        np.savez(buffer, **calibration)
+        import tempfile, os
+        with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
+            f.write(buffer.getvalue())
+        try:
+            return load_calibration(f.name, specs)
+        finally:
+            os.unlink(f.name)
+    return load_calibration(str(calibration), specs)
+
+
+def split(data: dict[str, np.ndarray], holdout: float, seed: int):
+    """Random held-out part of the calibration samples, used only for the report's fidelity."""
+    n = len(next(iter(data.values())))
+    n_hold = int(round(n * holdout))
+    if n - n_hold < 2:
+        raise InvalidCalibrationError(f"only {n} calibration samples: give at least a few hundred")
+    order = np.random.default_rng(seed).permutation(n)
+    hold, fit = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+    return {k: v[fit] for k, v in data.items()}, {k: v[hold] for k, v in data.items()}
+
+
+def _check(cancel) -> None:
+    if cancel():
+        raise CancelledError("the merge was cancelled")
+
+
+def _validate(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as err:  # a bug in onnxzip, never the user's fault: say so plainly
+        raise RuntimeError(f"onnxzip wrote a model that fails onnx.checker: {err}") from err
+
+
+# --- the zip loop ---------------------------------------------------------------------------------
+
+def plan_shares(al: Alignment, options: MergeOptions) -> dict[int, int]:
+    """Neurons to share at each shareable joint layer position (1-based)."""
+    first = al.tasks[0]
+    valid = {str(j.position) for j in al.joint} | {j.layers[first].name for j in al.joint}
+    unknown = [k for k in options.layer_share if k not in valid]
+    if unknown:
+        raise InvalidOptionsError(
+            f"layer_share names layer(s) {unknown} that do not exist; use positions 1..{len(al.joint)} or "
+            f"model {first}'s node names, as `onnxzip inspect` prints them")
+    plan = {}
+    for j in al.joint:
+        width = min(l.width for l in j.layers.values())
+        if not j.shareable:
+            plan[j.position] = 0
+            continue
+        override = options.layer_share.get(str(j.position), options.layer_share.get(j.layers[first].name))
+        if options.zipper is not None:
+            k = width if j.position <= options.zipper else 0
+        elif isinstance(override, int) and not isinstance(override, bool):
+            k = min(override, width)
+        elif override is not None:
+            k = int(round(float(override) * width))
+        else:
+            k = int(round(options.share * width))
+        plan[j.position] = k
+    return plan
+
+
+@dataclass
+class StepRecord:
+    position: int
+    layers: dict[str, Layer]
+    joint: Optional[JointLayer]
+    result: Optional[ZipResult]
+    planned: int
+
+
+def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, cancel):
+    al = prepared.alignment
+    tasks = prepared.tasks
+    providers = options.providers or default_providers()
+    plan = plan_shares(al, options)
+    state = ZipState(al)
+    original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
+    merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
+    rng = np.random.default_rng(options.seed)
+    depth = max(len(al.models[t].layers) for t in tasks)
+    joint_at = {j.position - 1: j for j in al.joint}
+    records = []
+    for pos in range(depth):
+        _check(cancel)
+        layers = {t: al.models[t].layers[pos] for t in tasks if pos < len(al.models[t].layers)}
+        joint = joint_at.get(pos)
+        k = plan.get(pos + 1, 0)
+        progress("merge", pos / depth, f"layer {pos + 1}/{depth}: capturing activations")
+        sides = {t: _capture(state, original[t], merged[t], t, layer, options,
+                             options.alpha if t == tasks[0] else 1.0 - options.alpha)
+                 for t, layer in layers.items()}
+        result = None
+        if joint is not None and joint.shareable and k > 0:
+            progress("merge", (pos + 0.5) / depth, f"layer {pos + 1}/{depth}: pairing and merging")
+            a, b = (sides[t] for t in tasks)
+            result = zip_pair(a, b, k, options.epsilon, options, tasks, rng)
+            state.set_view(a.task, al.channels[a.task].layer_out[a.layer.index], result.view)
+            for t, (w, bias) in result.weights.items():
+                state.weights[(t, layers[t].index)] = (w, bias)
+                state.modified[t].add(layers[t].index)
+        else:
+            for t, side in sides.items():
+                if options.calibrate and not side.exact:
+                    flat = refit(side, options.damping)[:, state.out_order(t, side.layer)]
+                    w = flat[:-1].T.reshape(side.view_w.shape).astype(side.view_w.dtype)
+                    state.weights[(t, side.layer.index)] = (w, flat[-1].astype(side.view_b.dtype))
+                    state.modified[t].add(side.layer.index)
+        for t, layer in layers.items():
+            merged[t].compute([layer.output], lambda nodes, t=t: state.substitutions(t, nodes))
+            remaining = al.models[t].layers[pos + 1:]
+            merged[t].retain([l.input for l in remaining])
+            original[t].retain([l.output for l in remaining] if options.calibrate else [])
+        records.append(StepRecord(pos + 1, layers, joint, result, k))
+        progress("merge", (pos + 1) / depth, f"layer {pos + 1}/{depth} done")
+    return state, records
+
+
+def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
+             options: MergeOptions, weight: float) -> TaskSide:
+    """Moments of the layer's inputs in the merged model (and cross moments with its original
+    pre-activations), streamed batch by batch."""
+    # The original pre-activations are only needed as targets when calibrating.
+    (y,) = original.compute([layer.output], lambda nodes: {}) if options.calibrate else (None,)
+    (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes))
+    dim = int(np.prod(layer.weight.shape[1:]))
+    moments = Moments(dim, layer.width if options.calibrate else None)
+    for start in range(0, len(x), options.batch_size):
+        part = slice(start, start + options.batch_size)
+        rows = layer_rows(layer, x[part])
+        moments.update(rows, output_rows(layer, y[part]) if options.calibrate else None)
+    w, b = layer.weight, layer.bias
+    imap = state.in_map(task, layer)
+    if imap is not None:
+        w = w[:, imap.perm]
+    return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer))
