@@ -100,6 +100,11 @@ def align(tasks: list[str], models: dict[str, CanonicalModel],
                              (t, channels[t].find(channels[t].input_group[spec.name])))
             shared_inputs.setdefault(spec.name, []).append(t)
 
+    if not any(len(owners) == len(tasks) for owners in shared_inputs.values()):
+        names = "; ".join(f"model {t} reads {', '.join(repr(i.name) for i in models[t].inputs)}" for t in tasks)
+        raise AlignmentError(
+            f"the models share no input ({names}): onnxzip shares layers only between models that read "
+            "the same input (same name and shape); rename one model's input")
     joint: list[JointLayer] = []
     stop: Optional[str] = None
     depth = min(len(models[t].layers) for t in tasks)

@@ -51,21 +51,27 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
 
 
 class Moments:
-    """Running sum of [x, 1][x, 1]^T (and of [x, 1] y^T when targets are given), plus the row count."""
+    """Running sum of [x, 1][x, 1]^T (and of [x, 1] y^T when targets are given), plus the row count.
 
-    def __init__(self, dim: int, targets: Optional[int] = None):
-        self.gram = np.zeros((dim + 1, dim + 1))
+    Each chunk's product runs in the activations' float32 (twice the speed of float64 BLAS); the
+    sums across chunks are float64, which bounds the rounding to one chunk's worth.
+    """
+
+    def __init__(self, dim: int, targets: Optional[int] = None, gram: Optional[np.ndarray] = None):
+        self.gram = np.zeros((dim + 1, dim + 1)) if gram is None else gram
+        self.own_gram = gram is None  # False: the gram is another task's (identical inputs)
         self.cross = np.zeros((dim + 1, targets)) if targets else None
         self.rows = 0
 
     def update(self, x: np.ndarray, y: Optional[np.ndarray] = None) -> None:
         for start in range(0, len(x), _CHUNK_ROWS):
-            xb = np.empty((min(_CHUNK_ROWS, len(x) - start), x.shape[1] + 1))
+            xb = np.empty((min(_CHUNK_ROWS, len(x) - start), x.shape[1] + 1), dtype=np.float32)
             xb[:, :-1] = x[start:start + len(xb)]
             xb[:, -1] = 1.0
-            self.gram += xb.T @ xb
+            if self.own_gram:
+                self.gram += xb.T @ xb
             if self.cross is not None:
-                self.cross += xb.T @ y[start:start + len(xb)]
+                self.cross += xb.T @ y[start:start + len(xb)].astype(np.float32, copy=False)
         self.rows += len(x)
 
     def hessian(self, weight: float) -> np.ndarray:

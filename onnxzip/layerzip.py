@@ -30,6 +30,7 @@ class TaskSide:
     view_w: np.ndarray  # original weights, input columns in view order, rows in ORIGINAL order
     view_b: np.ndarray
     exact: bool  # the layer's inputs in the merged model equal its original inputs
+    inputs: Optional[np.ndarray] = None  # the layer's inputs in the merged model (all samples)
 
     @property
     def kk(self) -> int:
@@ -77,11 +78,11 @@ def zip_pair(a: TaskSide, b: TaskSide, k: int, epsilon: Optional[float], options
     ha_d, hb_d = pairing.damp(ha, options.damping), pairing.damp(hb, options.damping)
     wa, wb = _embed_cols(a.flat(), ca, d), _embed_cols(b.flat(), cb, d)
 
+    solve = pairing.SPDSolver(ha_d + hb_d)  # one factorization for costs and merged weights
+    costs = pairing.pair_costs(wa, wb, ha_d, hb_d, solve)
     if options.pairing == "random":
         rows, cols = pairing.random_pairs(wa.shape[1], wb.shape[1], rng)
-        costs = pairing.pair_costs(wa, wb, ha_d, hb_d)
     else:
-        costs = pairing.pair_costs(wa, wb, ha_d, hb_d)
         rows, cols = pairing.assign(costs)
     pair_cost = costs[rows, cols]
     keep = np.arange(len(rows)) < k
@@ -91,7 +92,7 @@ def zip_pair(a: TaskSide, b: TaskSide, k: int, epsilon: Optional[float], options
     pairs = list(zip(rows.tolist(), cols.tolist()))
     view = GroupView.paired({a.task: wa.shape[1], b.task: wb.shape[1]}, pairs, a.task, b.task, tasks)
 
-    shared = _shared_weights(a, b, rows, cols, ha, hb, ha_d, hb_d, wa, wb, ca, cb, d, options)
+    shared = _shared_weights(a, b, rows, cols, ha, hb, ha_d, hb_d, wa, wb, ca, cb, d, options, solve)
     weights = {}
     for side, own_cols in ((a, ca), (b, cb)):
         own = _own_weights(side, options)
@@ -105,11 +106,11 @@ def zip_pair(a: TaskSide, b: TaskSide, k: int, epsilon: Optional[float], options
     return ZipResult(pairs, pair_cost, view, weights)
 
 
-def _shared_weights(a, b, rows, cols, ha, hb, ha_d, hb_d, wa, wb, ca, cb, d, options) -> np.ndarray:
+def _shared_weights(a, b, rows, cols, ha, hb, ha_d, hb_d, wa, wb, ca, cb, d, options, solve) -> np.ndarray:
     """(d, k) merged weight vectors for the shared pairs, in union columns."""
     if len(rows) == 0:
         return np.zeros((d, 0))
-    h = ha_d + hb_d
+    h = solve
     paper = pairing.merged_weights(h, ha_d @ wa[:, rows] + hb_d @ wb[:, cols])
     if not options.calibrate:
         return paper

@@ -17,22 +17,36 @@ def damp(h: np.ndarray, damping: float) -> np.ndarray:
     return h + (damping * scale if scale > 0 else damping) * np.eye(len(h))
 
 
+class SPDSolver:
+    """Factor a symmetric positive definite H once (Cholesky), solve for many right-hand sides."""
+
+    def __init__(self, h: np.ndarray):
+        self.h = h
+        try:
+            self.factor = scipy.linalg.cho_factor(h, lower=True, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            self.factor = None  # not numerically SPD: least squares below
+
+    def __call__(self, rhs: np.ndarray) -> np.ndarray:
+        if self.factor is not None:
+            return scipy.linalg.cho_solve(self.factor, rhs, check_finite=False)
+        return np.linalg.lstsq(self.h, rhs, rcond=None)[0]
+
+
 def spd_solve(h: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solve H X = RHS for symmetric positive definite H (Cholesky), falling back to lstsq."""
-    try:
-        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(h, lower=True, check_finite=False), rhs,
-                                      check_finite=False)
-    except (np.linalg.LinAlgError, ValueError):
-        return np.linalg.lstsq(h, rhs, rcond=None)[0]
+    return SPDSolver(h)(rhs)
 
 
-def pair_costs(a: np.ndarray, b: np.ndarray, ha: np.ndarray, hb: np.ndarray) -> np.ndarray:
+def pair_costs(a: np.ndarray, b: np.ndarray, ha: np.ndarray, hb: np.ndarray,
+               solve_sum=None) -> np.ndarray:
     """All pair costs d(i, j) = 1/2 (a_i - b_j)^T M (a_i - b_j), M = H_A (H_A + H_B)^-1 H_B (MTZ eq. 14).
 
     M does not depend on the pair, so every cost comes from one product:
     D = 1/2 (diag(A^T M A) 1^T + 1 diag(B^T M B)^T - 2 A^T M B). O(d^3 + d^2 n + d n^2), no pair loop.
+    `solve_sum` may pass an SPDSolver of H_A + H_B that the caller reuses for the merged weights.
     """
-    m = ha @ spd_solve(ha + hb, hb)
+    m = ha @ (solve_sum or SPDSolver(ha + hb))(hb)
     m = 0.5 * (m + m.T)  # symmetric in exact arithmetic
     ma, mb = m @ a, m @ b
     da = np.einsum("dn,dn->n", a, ma)
@@ -64,10 +78,10 @@ def random_pairs(n_a: int, n_b: int, rng: np.random.Generator) -> tuple[np.ndarr
     return rng.permutation(n_a)[:k], rng.permutation(n_b)[:k]
 
 
-def merged_weights(h: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def merged_weights(h, rhs: np.ndarray) -> np.ndarray:
     """MTZ eq. 16 / RegMean: w = (H_A + H_B)^-1 (H_A a + H_B b), one solve for all shared neurons.
 
-    `h` is H_A + H_B, `rhs` is H_A A_pairs + H_B B_pairs (or, when calibrating, the cross moments with
-    the original models' pre-activations); one column per shared neuron.
+    `h` is H_A + H_B (or its SPDSolver), `rhs` is H_A A_pairs + H_B B_pairs (or, when calibrating,
+    the cross moments with the original models' pre-activations); one column per shared neuron.
     """
-    return spd_solve(h, rhs)
+    return (h if isinstance(h, SPDSolver) else SPDSolver(h))(rhs)

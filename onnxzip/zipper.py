@@ -236,9 +236,10 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         joint = joint_at.get(pos)
         k = plan.get(pos + 1, 0)
         progress("merge", pos / depth, f"layer {pos + 1}/{depth}: capturing activations")
-        sides = {t: _capture(state, original[t], merged[t], t, layer, options,
-                             options.alpha if t == tasks[0] else 1.0 - options.alpha)
-                 for t, layer in layers.items()}
+        sides: dict[str, TaskSide] = {}
+        for t, layer in layers.items():
+            sides[t] = _capture(state, original[t], merged[t], t, layer, options,
+                                options.alpha if t == tasks[0] else 1.0 - options.alpha, sides.values())
         result = None
         if joint is not None and joint.shareable and k > 0:
             progress("merge", (pos + 0.5) / depth, f"layer {pos + 1}/{depth}: pairing and merging")
@@ -266,14 +267,19 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
 
 
 def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
-             options: MergeOptions, weight: float) -> TaskSide:
+             options: MergeOptions, weight: float, others) -> TaskSide:
     """Moments of the layer's inputs in the merged model (and cross moments with its original
     pre-activations), streamed batch by batch."""
     # The original pre-activations are only needed as targets when calibrating.
     (y,) = original.compute([layer.output], lambda nodes: {}) if options.calibrate else (None,)
     (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes))
     dim = int(np.prod(layer.weight.shape[1:]))
-    moments = Moments(dim, layer.width if options.calibrate else None)
+    # In a shared trunk every task's layer sees the very same inputs: accumulate their Gram once.
+    twin = next((o for o in others if o.layer.weight.shape[1:] == layer.weight.shape[1:]
+                 and o.layer.node.attrs == layer.node.attrs and o.inputs is not None
+                 and o.inputs.shape == x.shape and np.array_equal(o.inputs, x)), None)
+    moments = Moments(dim, layer.width if options.calibrate else None,
+                      gram=twin.moments.gram if twin is not None else None)
     for start in range(0, len(x), options.batch_size):
         part = slice(start, start + options.batch_size)
         rows = layer_rows(layer, x[part])
@@ -282,4 +288,4 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
     imap = state.in_map(task, layer)
     if imap is not None:
         w = w[:, imap.perm]
-    return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer))
+    return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)

@@ -1,0 +1,197 @@
+"""Engine benchmarks: prints markdown tables (the README records a run).
+
+    python tests/benchmarks/bench_engine.py [--quick] [--json OUT.json]
+
+1. All-pairs cost + optimal assignment for one layer of width n (one matrix product), and the ratio
+   against the per-pair loop at n = 256.
+2. Merge wall time divided by the time onnxruntime takes to run both originals over the same
+   calibration data (MLP and CNN digit pairs).
+3. Both tasks through the merged model (full share) vs the two originals one after the other:
+   latency ratio and file size ratio.
+4. Accuracy drop at full share without labels: onnxzip's calibration vs the MTZ paper's formula,
+   each with Hessian and with random pairing.
+Every time is the median of several runs measured side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import onnxruntime as ort  # noqa: E402
+
+import onnxzip  # noqa: E402
+from onnxzip import pairing  # noqa: E402
+
+CASES = ROOT / "tests" / "fixtures" / "cases"
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _layer_problem(n: int, rng):
+    d = n + 1
+    x = rng.normal(size=(d + 64, d))
+    ha = x.T @ x / len(x) + 1e-3 * np.eye(d)
+    x = rng.normal(size=(d + 64, d))
+    hb = x.T @ x / len(x) + 1e-3 * np.eye(d)
+    return rng.normal(size=(d, n)), rng.normal(size=(d, n)), ha, hb
+
+
+def bench_pairing(widths, repeats):
+    rng = np.random.default_rng(0)
+    rows = []
+    loop_ratio = None
+    for n in widths:
+        a, b, ha, hb = _layer_problem(n, rng)
+        t = median_time(lambda: pairing.assign(pairing.pair_costs(a, b, ha, hb)), repeats if n < 4096 else 1)
+        row = {"n": n, "vectorized_s": t}
+        if n == 256:
+            loop = median_time(lambda: pairing.assign(pairing.pair_cost_loop(a, b, ha, hb)), 1)
+            row["loop_s"] = loop
+            loop_ratio = loop / t
+        rows.append(row)
+    return rows, loop_ratio
+
+
+def _sessions(models, threads=None):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return [ort.InferenceSession(str(m) if not hasattr(m, "SerializeToString") else m.SerializeToString(), so,
+                                 providers=["CPUExecutionProvider"]) for m in models]
+
+
+def bench_merge_time(case: str, repeats: int):
+    d = CASES / case
+    models = [str(d / "a.onnx"), str(d / "b.onnx")]
+    calib = dict(np.load(d / "calib.npz"))
+
+    def originals(load: bool):
+        sessions = _sessions(models) if load else pre
+        for s in sessions:
+            out = s.get_outputs()[0].name
+            for start in range(0, len(calib["input"]), 64):
+                s.run([out], {"input": calib["input"][start:start + 64]})
+
+    pre = _sessions(models)
+    run_only = median_time(lambda: originals(False), repeats * 3)
+    load_run = median_time(lambda: originals(True), repeats * 3)
+    merge_s = median_time(lambda: onnxzip.merge(models, str(d / "calib.npz"), {"share": 1.0}), repeats)
+    return {"case": case, "merge_s": merge_s, "ort_run_s": run_only, "ort_load_run_s": load_run,
+            "ratio_vs_run": merge_s / run_only, "ratio_vs_load_run": merge_s / load_run}
+
+
+def bench_latency(case: str, batch: int, repeats: int):
+    d = CASES / case
+    merged, report = onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"), {"share": 1.0})
+    sa, sb, sm = _sessions([d / "a.onnx", d / "b.onnx", merged], threads=1)
+    x = {"input": dict(np.load(d / "test.npz"))["input"][:batch]}
+    for s in (sa, sb, sm):
+        s.run(None, x)  # warm up
+    sep, mer = [], []
+    for _ in range(repeats):  # interleaved, so both see the same machine noise
+        start = time.perf_counter()
+        sa.run(None, x)
+        sb.run(None, x)
+        sep.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        sm.run(None, x)
+        mer.append(time.perf_counter() - start)
+    size_a, size_b = (d / "a.onnx").stat().st_size, (d / "b.onnx").stat().st_size
+    return {"case": case, "batch": batch, "separate_ms": 1e3 * statistics.median(sep),
+            "merged_ms": 1e3 * statistics.median(mer),
+            "speedup": statistics.median(sep) / statistics.median(mer),
+            "size_ratio": (size_a + size_b) / merged.ByteSize(), "macs_ratio": report["totals"]["macs_ratio"]}
+
+
+def bench_quality(case: str):
+    d = CASES / case
+    test = dict(np.load(d / "test.npz"))
+    refs, names = {}, {}
+    for t in "ab":
+        (s,) = _sessions([d / f"{t}.onnx"])
+        names[t] = next(o.name for o in s.get_outputs() if len(o.shape) == 2)  # the class scores
+        refs[t] = s.run([names[t]], {"input": test["input"]})[0]
+    row = {"case": case}
+    for label, opts in [("calibrated", {}), ("paper", {"calibrate": False}),
+                        ("random+calibrated", {"pairing": "random"}),
+                        ("random+paper", {"pairing": "random", "calibrate": False})]:
+        merged, _ = onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"),
+                                  {"share": 1.0, **opts})
+        (sm,) = _sessions([merged])
+        drops = []
+        for t in "ab":
+            got = sm.run([f"{t}/{names[t]}"], {"input": test["input"]})[0]
+            drops.append(100 * (np.mean(refs[t].argmax(1) == test[f"y{t}"]) - np.mean(got.argmax(1) == test[f"y{t}"])))
+        row[label] = (float(np.mean(drops)), float(max(drops)))
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    parser.add_argument("--json", help="also write the raw numbers here")
+    args = parser.parse_args(argv)
+    repeats = 3
+    widths = [256, 1024] if args.quick else [256, 1024, 4096]
+    results = {}
+
+    pair_rows, loop_ratio = bench_pairing(widths, repeats)
+    results["pairing"] = pair_rows
+    print("\n### Pair costs + optimal assignment, one layer (d = n + 1 inputs)\n")
+    print("| width n | one product + assignment (s) | per-pair loop (s) |")
+    print("|---:|---:|---:|")
+    for r in pair_rows:
+        print(f"| {r['n']} | {r['vectorized_s']:.4f} | {r.get('loop_s', float('nan')):.2f} |")
+    print(f"\nper-pair loop / one product at n = 256: **{loop_ratio:.0f}x**")
+
+    merge_rows = [bench_merge_time(c, repeats) for c in ("mlp_legacy", "cnn_legacy")]
+    results["merge_time"] = merge_rows
+    print("\n### Merge wall time vs onnxruntime running both originals over the calibration data (512 samples)\n")
+    print("| pair | merge (s) | ORT run (s) | ORT load+run (s) | merge / run | merge / (load+run) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in merge_rows:
+        print(f"| {r['case']} | {r['merge_s']:.3f} | {r['ort_run_s']:.4f} | {r['ort_load_run_s']:.4f} | "
+              f"{r['ratio_vs_run']:.0f} | {r['ratio_vs_load_run']:.1f} |")
+
+    lat_rows = [bench_latency(c, b, 200 if b == 1 else 50) for c in ("mlp_legacy", "cnn_legacy") for b in (1, 64)]
+    results["latency"] = lat_rows
+    print("\n### Both tasks: merged model (full share) vs the two originals one after the other (1 thread)\n")
+    print("| pair | batch | originals (ms) | merged (ms) | speedup | MACs ratio | file size ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in lat_rows:
+        print(f"| {r['case']} | {r['batch']} | {r['separate_ms']:.3f} | {r['merged_ms']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['macs_ratio']:.2f} | {r['size_ratio']:.2f} |")
+
+    quality = [bench_quality(c) for c in ("mlp_legacy", "cnn_legacy", "mlp_skl2onnx")]
+    results["quality"] = quality
+    print("\n### Accuracy drop (points, test split) at full share, no labels: mean / worst task\n")
+    print("| pair | onnxzip (calibrated) | MTZ formula | random pairs + calibrated | random pairs + MTZ formula |")
+    print("|---|---:|---:|---:|---:|")
+    for r in quality:
+        cells = [f"{r[k][0]:+.2f} / {r[k][1]:+.2f}" for k in
+                 ("calibrated", "paper", "random+calibrated", "random+paper")]
+        print(f"| {r['case']} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The math pieces against their definitions: pair costs, merged weights, im2col, BN folding."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from conftest import run
+from onnxzip import pairing
+from onnxzip.canonicalize import canonicalize
+from onnxzip.hessian import Moments, im2col
+
+
+def _spd(d: int, rng) -> np.ndarray:
+    x = rng.normal(size=(4 * d, d))
+    return x.T @ x / len(x) + 1e-3 * np.eye(d)
+
+
+def test_all_pair_costs_from_one_product_equal_the_per_pair_definition():
+    rng = np.random.default_rng(0)
+    d, na, nb = 12, 7, 9
+    ha, hb = _spd(d, rng), _spd(d, rng)
+    a, b = rng.normal(size=(d, na)), rng.normal(size=(d, nb))
+    fast = pairing.pair_costs(a, b, ha, hb)
+    slow = pairing.pair_cost_loop(a, b, ha, hb)
+    np.testing.assert_allclose(fast, slow, rtol=1e-8, atol=1e-10)
+
+
+def test_assignment_finds_a_hidden_permutation():
+    rng = np.random.default_rng(1)
+    d, n = 10, 30
+    h = _spd(d, rng)
+    a = rng.normal(size=(d, n))
+    perm = rng.permutation(n)
+    rows, cols = pairing.assign(pairing.pair_costs(a, a[:, perm], h, h))
+    assert np.array_equal(perm[cols], rows)
+
+
+def test_merged_weights_are_the_hessian_weighted_average():
+    """MTZ eq. 16: w = (H_A + H_B)^-1 (H_A a + H_B b); with equal Hessians it is the plain mean."""
+    rng = np.random.default_rng(2)
+    d = 8
+    ha, hb = _spd(d, rng), _spd(d, rng)
+    a, b = rng.normal(size=(d, 1)), rng.normal(size=(d, 1))
+    w = pairing.merged_weights(ha + hb, ha @ a + hb @ b)
+    np.testing.assert_allclose((ha + hb) @ w, ha @ a + hb @ b, rtol=1e-10)
+    np.testing.assert_allclose(pairing.merged_weights(2 * ha, ha @ a + ha @ b), (a + b) / 2, rtol=1e-10)
+
+
+def test_moments_accumulate_in_chunks_like_one_big_product():
+    """Chunked float32 products summed in float64 match one float64 product to float32 precision."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(20000, 5)).astype(np.float32), rng.normal(size=(20000, 3)).astype(np.float32)
+    m = Moments(5, 3)
+    m.update(x[:7000], y[:7000])
+    m.update(x[7000:], y[7000:])
+    xb = np.hstack([x, np.ones((len(x), 1))]).astype(np.float64)
+    np.testing.assert_allclose(m.gram, xb.T @ xb, rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(m.cross, xb.T @ y, rtol=1e-5, atol=1e-2)
+    assert m.rows == 20000
+
+
+def _conv_model(w, b, strides, pads, dilations, shape):
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=strides, pads=pads, dilations=dilations)],
+        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_im2col_times_weights_equals_onnxruntime_conv():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 4, 9, 7)).astype(np.float32)
+    w = rng.normal(size=(5, 4, 3, 2)).astype(np.float32)
+    b = rng.normal(size=5).astype(np.float32)
+    for strides, pads, dilations in [([1, 1], [1, 0, 1, 1], [1, 1]), ([2, 1], [0, 1, 2, 0], [2, 1])]:
+        y = run(_conv_model(w, b, strides, pads, dilations, list(x.shape)), {"x": x})["y"]
+        cols = im2col(x, (3, 2), strides, pads, dilations)
+        mine = (cols @ w.reshape(5, -1).T + b).reshape(3, y.shape[2], y.shape[3], 5).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(mine, y, rtol=1e-4, atol=1e-4)
+
+
+def test_canonical_form_folds_batchnorm_and_matmul_add_exactly():
+    """Conv+BN and MatMul+Add (as skl2onnx writes) become Conv/Gemm layers with the same outputs."""
+    rng = np.random.default_rng(5)
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    inits = {"w": f(6, 3, 3, 3), "g": f(6), "beta": f(6), "mean": f(6), "var": np.abs(f(6)) + 0.1,
+             "m": f(6 * 4 * 4, 5), "bias": f(1, 5), "shape": np.array([-1, 96], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["n"], epsilon=1e-3),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "m"], ["mm"]),
+             helper.make_node("Add", ["mm", "bias"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                              initializer=[onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = f(4, 3, 8, 8)
+    canon = canonicalize(model, "test", {"x": x[:2]})
+    ops = [n.op for n in canon.graph.nodes]
+    assert ops == ["Conv", "Relu", "Flatten", "Gemm"]
+    assert [l.kind for l in canon.layers] == ["conv", "linear"]
+    np.testing.assert_allclose(run(canon.to_onnx(), {"x": x})["y"], run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,214 @@
+"""The engine's promises, checked on real trained models run in onnxruntime (Python API)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxzip
+from conftest import case, load_test_split, rel_err, run
+
+TORCH_CASES = ["mlp_legacy", "mlp_dynamo", "mlp_dynamo_noopt", "cnn_legacy", "cnn_dynamo", "cnn_dynamo_noopt"]
+PERM_CASES = ["mlp_perm_legacy", "mlp_perm_dynamo", "cnn_perm_legacy", "cnn_perm_dynamo"]
+
+
+def merge_case(name: str, **options):
+    d = case(name)
+    return onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"), options)
+
+
+def task_outputs(name: str, merged: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task: (merged model's output, original model's output) for the main 2-D output."""
+    test = load_test_split(name)
+    got = run(merged, test)
+    out = {}
+    for task in "ab":
+        ref = run(case(name) / f"{task}.onnx", test)
+        main = next(k for k, v in ref.items() if v.ndim == 2 and v.dtype == np.float32)
+        out[task] = (got[f"{task}/{main}"], ref[main])
+    return out
+
+
+def accuracy_drops(name: str, merged: onnx.ModelProto) -> dict[str, float]:
+    """Accuracy points lost per task on the test split."""
+    test = load_test_split(name)
+    return {t: 100.0 * (np.mean(ref.argmax(1) == test[f"y{t}"]) - np.mean(got.argmax(1) == test[f"y{t}"]))
+            for t, (got, ref) in task_outputs(name, merged).items()}
+
+
+@pytest.mark.parametrize("name", TORCH_CASES + ["mlp_skl2onnx"])
+def test_share_zero_reproduces_both_originals(name):
+    merged, report = merge_case(name, share=0.0)
+    for task, (got, ref) in task_outputs(name, merged).items():
+        assert rel_err(got, ref) <= 1e-5, task
+    assert all(row["shared"] == 0 for row in report["layers"])
+
+
+@pytest.mark.parametrize("name", PERM_CASES)
+def test_full_share_with_permuted_copy_recovers_the_original(name):
+    merged, report = merge_case(name, share=1.0)
+    for task, (got, ref) in task_outputs(name, merged).items():
+        assert rel_err(got, ref) <= 1e-3, task
+    hidden = [row for row in report["layers"] if row["shareable"]]
+    assert hidden and all(row["shared"] == min(row["widths"].values()) for row in hidden)
+    # the hidden permutation was found: every shared pair costs (almost) nothing
+    assert max(row["predicted_error_max"] for row in hidden) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["mlp_legacy", "cnn_legacy", "mlp_dynamo", "cnn_dynamo_noopt", "mlp_skl2onnx"])
+def test_full_share_of_different_tasks_keeps_accuracy_without_labels(name):
+    merged, report = merge_case(name, share=1.0)
+    drops = accuracy_drops(name, merged)
+    assert np.mean(list(drops.values())) <= 1.0, drops
+    assert max(drops.values()) <= 2.0, drops
+    hidden = [row for row in report["layers"] if row["shareable"]]
+    assert len(hidden) == len(report["layers"]) - 1  # every layer but the output layers
+    assert all(row["shared"] == min(row["widths"].values()) for row in hidden)
+
+
+@pytest.mark.parametrize("name", ["mlp_legacy", "cnn_legacy"])
+def test_calibration_recovers_what_the_paper_formula_loses(name):
+    calibrated, _ = merge_case(name, share=1.0)
+    paper, _ = merge_case(name, share=1.0, calibrate=False)
+    gained = np.mean(list(accuracy_drops(name, paper).values())) - np.mean(
+        list(accuracy_drops(name, calibrated).values()))
+    assert gained > 3.0, "closed-form recovery should clearly beat the paper's formula without retraining"
+
+
+def test_full_share_computes_the_trunk_once_and_stores_it_once():
+    merged, report = merge_case("cnn_legacy", share=1.0)
+    ops = [n.op_type for n in merged.graph.node]
+    # 4 shared hidden layers once, plus one output layer per task
+    assert ops.count("Conv") == 3 and ops.count("Gemm") == 3
+    totals = report["totals"]
+    assert totals["param_ratio"] > 1.9 and totals["macs_ratio"] > 1.9
+    assert all(row["computed_once"] for row in report["layers"] if row["shareable"])
+    assert "Gather" not in ops  # permutations are folded into weights
+
+
+def test_partial_share_shares_the_planned_fraction_and_stores_shared_blocks_once():
+    merged, report = merge_case("mlp_legacy", share=0.5)
+    for row in report["layers"]:
+        if row["shareable"]:
+            assert row["shared"] == round(0.5 * min(row["widths"].values()))
+            # a shared block is stored once: fewer parameters than both layers side by side
+            assert row["params_after"] < row["params_before"]
+    drops = accuracy_drops("mlp_legacy", merged)
+    assert max(drops.values()) <= 1.0
+    onnx.checker.check_model(merged, full_check=True)
+
+
+def test_zipper_shares_the_first_k_layers_fully_and_no_others():
+    _, report = merge_case("cnn_legacy", zipper=2)
+    shared = [row["shared"] for row in report["layers"]]
+    widths = [min(row["widths"].values()) for row in report["layers"]]
+    assert shared[:2] == widths[:2] and all(s == 0 for s in shared[2:])
+
+
+def test_layer_share_count_and_epsilon_threshold():
+    _, report = merge_case("mlp_legacy", share=0.0, layer_share={"2": 10})
+    assert [row["shared"] for row in report["layers"]] == [0, 10, 0]
+    _, full = merge_case("mlp_legacy", share=1.0)
+    threshold = float(np.median([full["layers"][0]["predicted_error_max"]])) / 10
+    _, report = merge_case("mlp_legacy", share=1.0, epsilon=threshold)
+    first = report["layers"][0]
+    assert 0 < first["shared"] < 300 and first["predicted_error_max"] < threshold
+
+
+def test_merged_model_keeps_opset_ir_and_extra_domains():
+    merged, _ = merge_case("mlp_skl2onnx", share=1.0)
+    original = onnx.load(str(case("mlp_skl2onnx") / "a.onnx"))
+    opsets = {o.domain: o.version for o in merged.opset_import}
+    for o in original.opset_import:
+        assert opsets[o.domain] == o.version
+    assert merged.ir_version == original.ir_version
+    names = [o.name for o in merged.graph.output]
+    assert names == ["a/label", "a/probabilities", "b/label", "b/probabilities"]
+    onnx.checker.check_model(merged, full_check=True)
+
+
+def test_models_reading_different_inputs_are_refused():
+    a = onnx.load(str(case("mlp_legacy") / "a.onnx"))
+    b = onnx.load(str(case("mlp_legacy") / "b.onnx"))
+    for node in b.graph.node:
+        node.input[:] = ["x" if i == "input" else i for i in node.input]
+    b.graph.input[0].name = "x"
+    with np.load(case("mlp_legacy") / "calib.npz") as f:
+        calib = {"input": f["input"], "x": f["input"]}
+    with pytest.raises(onnxzip.AlignmentError, match="share no input"):
+        onnxzip.merge([a, b], calib)
+
+
+def test_progress_is_reported_and_cancel_stops_between_stages():
+    seen = []
+    d = case("mlp_legacy")
+    onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"),
+                  progress=lambda stage, fraction, message: seen.append((stage, fraction)))
+    stages = [s for s, _ in seen]
+    assert {"load", "canonicalize", "merge", "emit", "report"} <= set(stages)
+    assert ("merge", 1.0) in seen
+    calls = []
+    with pytest.raises(onnxzip.CancelledError):
+        onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"),
+                      should_cancel=lambda: calls.append(1) or len(calls) > 2)
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def _set_initializer(model: onnx.ModelProto, name: str, values: np.ndarray) -> None:
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    tensor.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), name))
+
+
+def test_different_widths_share_the_narrower_layer_and_keep_extra_neurons_per_task():
+    """Model B with 60 of its first hidden neurons pruned: 240 pairs shared, A's extra 60 stay A's."""
+    d = case("mlp_legacy")
+    a, b = onnx.load(str(d / "a.onnx")), onnx.load(str(d / "b.onnx"))
+    keep = np.arange(240)
+    _set_initializer(b, "fc1.weight", _initializer(b, "fc1.weight")[keep])
+    _set_initializer(b, "fc1.bias", _initializer(b, "fc1.bias")[keep])
+    _set_initializer(b, "fc2.weight", _initializer(b, "fc2.weight")[:, keep])
+    with np.load(d / "calib.npz") as f:
+        calib = dict(f)
+    test = load_test_split("mlp_legacy")
+    merged0, _ = onnxzip.merge([a, b], calib, {"share": 0.0})
+    ref_b = run(b, test)["logits"]
+    assert rel_err(run(merged0, test)["b/logits"], ref_b) <= 1e-5
+    merged, report = onnxzip.merge([a, b], calib, {"share": 1.0})
+    first = report["layers"][0]
+    assert first["widths"] == {"a": 300, "b": 240} and first["shared"] == 240
+    got = run(merged, test)
+    ref_a = run(a, test)["logits"]
+    assert np.mean(got["a/logits"].argmax(1) == ref_a.argmax(1)) > 0.97
+    assert np.mean(got["b/logits"].argmax(1) == ref_b.argmax(1)) > 0.97
+
+
+def test_different_depths_merge_the_common_prefix_and_keep_the_rest_per_task():
+    """Model B with an extra (identity) hidden layer: layers 1-2 are shared, the rest stays B's."""
+    d = case("mlp_legacy")
+    a, b = onnx.load(str(d / "a.onnx")), onnx.load(str(d / "b.onnx"))
+    relu2 = next(n for n in b.graph.node if n.op_type == "Relu" and n.input[0].startswith("/fc2"))
+    fc3 = next(n for n in b.graph.node if n.output[0] == "logits")
+    b.graph.initializer.extend([onnx.numpy_helper.from_array(np.eye(100, dtype=np.float32), "extra.weight"),
+                                onnx.numpy_helper.from_array(np.zeros(100, np.float32), "extra.bias")])
+    extra = onnx.helper.make_node("Gemm", [relu2.output[0], "extra.weight", "extra.bias"], ["extra_out"],
+                                  name="/extra/Gemm", transB=1)
+    fc3.input[0] = "extra_out"
+    b.graph.node.insert(list(b.graph.node).index(fc3), extra)
+    onnx.checker.check_model(b)
+    with np.load(d / "calib.npz") as f:
+        calib = dict(f)
+    merged, report = onnxzip.merge([a, b], calib, {"share": 1.0})
+    widths = [row["widths"] for row in report["layers"]]
+    assert widths[-1] == {"b": 4}  # B's last layer has no partner
+    assert [row["shared"] for row in report["layers"]] == [300, 100, 0, 0]
+    test = load_test_split("mlp_legacy")
+    drops = {}
+    got = run(merged, test)
+    for t, model in (("a", a), ("b", b)):
+        ref = run(model, test)["logits"]
+        drops[t] = 100 * (np.mean(ref.argmax(1) == test[f"y{t}"]) - np.mean(got[f"{t}/logits"].argmax(1) == test[f"y{t}"]))
+    assert max(drops.values()) <= 2.0, drops
