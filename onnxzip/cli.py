@@ -13,14 +13,14 @@ import tempfile
 from typing import Optional
 
 from . import __version__
-from .errors import OnnxZipError
+from .errors import InvalidOptionsError, OnnxZipError
 
 EXIT_BAD_INPUT = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
-        print(f"onnxzip: error: {message} (see onnxzip {self.prog.split()[-1]} --help)", file=sys.stderr)
+        print(f"onnxzip: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -100,7 +100,7 @@ class _Bars:
     """tqdm bars per stage, on stderr."""
 
     def __init__(self, quiet: bool):
-        self.quiet = quiet
+        self.quiet = quiet or not sys.stderr.isatty()  # bars are for people at a terminal
         self.bar = None
         self.stage = None
 
@@ -141,6 +141,8 @@ def _write_atomic(path: str, data: bytes) -> None:
 def cmd_merge(args) -> int:
     from .zipper import merge
 
+    if os.path.isdir(args.out):
+        raise InvalidOptionsError(f"--out '{args.out}' is a folder: give the path of the .onnx file to write")
     bars = _Bars(args.quiet)
     try:
         model, report = merge(args.models, args.calibration, _options(args), evaluation=args.eval,

@@ -44,7 +44,7 @@ def emit(state: ZipState) -> Emitted:
         for layer in model.layers:
             layer_node_names[(task, layer.index)] = f"{task}/{layer.node.name}"
             layer_params[(task, layer.index)] = stored.get(layer.node.name, set())
-    kept, rename, alias = _dedupe(nodes)
+    kept, rename, alias = _dedupe(nodes, dict((o.domain, o.version) for o in _opsets(al)))
     outputs, value_infos = [], []
     for task in tasks:
         for out in al.models[task].to_onnx().graph.output:
@@ -179,7 +179,28 @@ def _concat(parts: list[str], axis: int, name: str, extra_nodes: list) -> str:
     return name
 
 
-def _dedupe(nodes: list[onnx.NodeProto]):
+def _attribute_key(node: onnx.NodeProto, opsets: dict[str, int]) -> tuple:
+    """Attributes that matter: those set to their default are dropped, because exporters differ in
+    spelling them out (storage_order=0, auto_pad=NOTSET, pads of zeros...)."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opsets.get(node.domain, 1), node.domain)
+        defaults = {name: a.default_value for name, a in schema.attributes.items()}
+    except Exception:  # unknown op: compare every attribute
+        defaults = {}
+    key = []
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        default = defaults.get(attr.name)
+        if default is not None and default.type != onnx.AttributeProto.UNDEFINED and \
+                helper.get_attribute_value(default) == value:
+            continue
+        if attr.name == "pads" and not any(value) or attr.name in ("strides", "dilations") and set(value) == {1}:
+            continue
+        key.append(attr.SerializeToString())
+    return tuple(sorted(key))
+
+
+def _dedupe(nodes: list[onnx.NodeProto], opsets: dict[str, int]):
     """Common-subexpression elimination: a node with the same op, attributes and (renamed) inputs as
     an earlier one is dropped and its outputs point at the earlier node's.
 
@@ -191,8 +212,7 @@ def _dedupe(nodes: list[onnx.NodeProto]):
     kept = []
     for node in nodes:
         inputs = tuple(rename.get(i, i) for i in node.input)
-        key = (node.domain, node.op_type, inputs,
-               tuple(sorted(a.SerializeToString() for a in node.attribute)), len(node.output))
+        key = (node.domain, node.op_type, inputs, _attribute_key(node, opsets), len(node.output))
         if key in seen:
             for mine, theirs in zip(node.output, seen[key].output):
                 rename[mine] = theirs

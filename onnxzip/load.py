@@ -119,15 +119,16 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def load_calibration(path: str, specs: list[InputSpec], *,
-                     max_bytes: int = DEFAULT_MAX_CALIBRATION_BYTES) -> dict[str, np.ndarray]:
+def load_calibration(path: str, specs: list[InputSpec], *, max_bytes: int = DEFAULT_MAX_CALIBRATION_BYTES,
+                     kind: str = "calibration") -> dict[str, np.ndarray]:
     """Read CALIB.npz safely (no pickles, sizes checked before loading) and match it to `specs`.
 
-    Returns one float array per graph input, all with the same number of samples.
+    Returns one float array per graph input, all with the same number of samples. `kind` names the
+    file in messages ("calibration", "evaluation").
     """
     label = os.path.basename(path)
     if not os.path.isfile(path):
-        raise InvalidCalibrationError(f"calibration file '{path}' does not exist: give an .npz file")
+        raise InvalidCalibrationError(f"{kind} file '{path}' does not exist: give an .npz file")
     headers = read_npz_headers(path, max_bytes=max_bytes)
     keys = list(headers)
     if len(specs) == 1 and keys == ["arr_0"]:
@@ -147,8 +148,12 @@ def load_calibration(path: str, specs: list[InputSpec], *,
         raise InvalidCalibrationError(
             f"'{label}': inputs hold different numbers of samples {sorted(counts)}; "
             "give every input the same number of samples (axis 0)")
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {name: np.ascontiguousarray(npz[key]) for name, key in mapping.items()}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: np.ascontiguousarray(npz[key]) for name, key in mapping.items()}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise InvalidCalibrationError(
+            f"'{label}' is damaged ({' '.join(str(err).split())}); save it again with numpy.savez") from err
     for spec in specs:
         arrays[spec.name] = _convert(label, spec, arrays[spec.name])
     return arrays

@@ -60,6 +60,7 @@ def build(prepared, state, emitted, records, options, seconds: float, evaluation
                              options.providers),
         "evaluation": (fidelity(prepared.originals, emitted.model, evaluation[0], prepared.tasks,
                                 options.providers, evaluation[1]) if evaluation else None),
+        "warnings": prepared.warnings,
         "seconds": round(seconds, 3),
     }
 
@@ -139,6 +140,12 @@ def _compare(names, ref, got, y) -> dict:
         first = next(iter(out["outputs"].values()))
         out.update(first)
     return out
+
+
+def run_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = make_session(model, ["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
 def _params(model: onnx.ModelProto) -> int:

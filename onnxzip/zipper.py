@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from . import report as reporting
 from .align import Alignment, JointLayer, align
@@ -16,10 +17,12 @@ from .canonicalize import CanonicalModel, Layer, canonicalize
 from .capture import Frontier
 from .channels import analyze
 from .emit import emit
-from .errors import CancelledError, InvalidCalibrationError, InvalidOptionsError, UnsupportedGraphError
+from .errors import (AlignmentError, CancelledError, InvalidCalibrationError, InvalidModelError, InvalidOptionsError,
+                     UnsupportedGraphError)
 from .hessian import Moments, layer_rows, output_rows
 from .layerzip import TaskSide, ZipResult, refit, zip_pair
-from .load import InputSpec, check_model, input_specs, load_calibration, load_labels, load_model
+from .load import (InputSpec, check_model, default_opset, input_specs, load_calibration, load_labels,
+                   load_model)
 from .options import MergeOptions, parse_options
 from .runtime import default_providers
 from .state import ZipState
@@ -88,20 +91,52 @@ def prepare(models: Sequence[ModelSource], calibration, options: MergeOptions,
     progress("load", 0.0, "reading models")
     originals = {t: _load(m) for t, m in zip(tasks, models)}
     specs = _input_specs(originals)
+    warnings: list[str] = []
     if calibration is not None:
         progress("load", 0.5, "reading calibration data")
         fit, holdout = split(_calibration(calibration, specs), options.holdout, options.seed)
         probe = {k: v[:2] for k, v in fit.items()}
     else:  # inspect without data: random samples of the declared shapes are enough to read shapes
         fit, holdout, probe = {}, {}, _synthetic_probe(specs)
+    models_to_merge = harmonize_opsets(originals, probe, warnings)
     canon: dict[str, CanonicalModel] = {}
     for i, t in enumerate(tasks):
         progress("canonicalize", i / len(tasks), f"canonicalizing model {t}")
-        canon[t] = canonicalize(originals[t], _label(models[i], t), probe)
+        canon[t] = canonicalize(models_to_merge[t], _label(models[i], t), probe)
     channels = {t: analyze(canon[t]) for t in tasks}
     alignment = align(tasks, canon, channels)
     progress("canonicalize", 1.0, "models aligned")
-    return Prepared(tasks, alignment, fit, holdout, originals)
+    return Prepared(tasks, alignment, fit, holdout, originals, warnings)
+
+
+def harmonize_opsets(originals: dict[str, onnx.ModelProto], probe: dict[str, np.ndarray],
+                     warnings: list[str]) -> dict[str, onnx.ModelProto]:
+    """One merged graph has one opset: convert newer models down to the oldest one (TensorRT reads
+    older opsets), checking that each converted model still computes the same outputs."""
+    opsets = {t: default_opset(m) for t, m in originals.items()}
+    target = min(opsets.values())
+    out = dict(originals)
+    for t, model in originals.items():
+        if opsets[t] == target:
+            continue
+        why = None
+        try:
+            converted = onnx.version_converter.convert_version(model, target)
+            converted.ir_version = model.ir_version
+            before = reporting.run_outputs(model, probe)
+            after = reporting.run_outputs(converted, probe)
+            worst = max(float(np.max(np.abs(a - b))) for a, b in zip(before, after) if a.dtype.kind == "f")
+            if worst > 1e-4:
+                why = f"its outputs change by {worst:.2g} after conversion"
+        except Exception as err:  # the converter lacks adapters for some ops
+            why = " ".join(str(err).split())[:200]
+        if why:
+            raise InvalidModelError(
+                f"the models use different opsets ({', '.join(f'{k}: {v}' for k, v in opsets.items())}) and "
+                f"model {t} cannot be converted to opset {target} ({why}); export both with the same opset")
+        warnings.append(f"model {t} was converted from opset {opsets[t]} to opset {target} to match the others")
+        out[t] = converted
+    return out
 
 
 def _synthetic_probe(specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -118,7 +153,7 @@ def _synthetic_probe(specs: list[InputSpec]) -> dict[str, np.ndarray]:
 
 
 def _evaluation(path: str, prepared: Prepared):
-    inputs = load_calibration(str(path), _input_specs(prepared.originals))
+    inputs = load_calibration(str(path), _input_specs(prepared.originals), kind="evaluation")
     return inputs, load_labels(str(path), prepared.tasks, len(next(iter(inputs.values()))))
 
 
@@ -134,11 +169,25 @@ def _load(source: ModelSource) -> onnx.ModelProto:
 
 
 def _input_specs(originals: dict[str, onnx.ModelProto]) -> list[InputSpec]:
-    specs: dict[str, InputSpec] = {}
-    for model in originals.values():
+    """The graph inputs of all models; an input name shared by models must mean the same input."""
+    specs: dict[str, tuple[str, InputSpec]] = {}
+    for task, model in originals.items():
         for spec in input_specs(model):
-            specs.setdefault(spec.name, spec)
-    return list(specs.values())
+            if spec.name not in specs:
+                specs[spec.name] = (task, spec)
+                continue
+            first, other = specs[spec.name]
+            if len(other.shape) != len(spec.shape) or other.dtype != spec.dtype or any(
+                    a is not None and b is not None and a != b for a, b in zip(other.shape[1:], spec.shape[1:])):
+                raise AlignmentError(
+                    f"the models cannot be aligned: input '{spec.name}' is {_shape(other)} {other.dtype} in model "
+                    f"{first} but {_shape(spec)} {spec.dtype} in model {task}; onnxzip merges models that read "
+                    "the same kind of input")
+    return [spec for _, spec in specs.values()]
+
+
+def _shape(spec: InputSpec) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in spec.shape) + ")"
 
 
 def _calibration(calibration, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -223,6 +272,10 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     tasks = prepared.tasks
     providers = options.providers or default_providers()
     plan = plan_shares(al, options)
+    shareable = len(al.shareable_layers())
+    if options.zipper is not None and options.zipper > shareable:
+        prepared.warnings.append(f"zipper={options.zipper} asked for more layers than the {shareable} that can "
+                                 "be shared; all of them were shared")
     state = ZipState(al)
     original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
     merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}

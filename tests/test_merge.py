@@ -212,3 +212,15 @@ def test_different_depths_merge_the_common_prefix_and_keep_the_rest_per_task():
         ref = run(model, test)["logits"]
         drops[t] = 100 * (np.mean(ref.argmax(1) == test[f"y{t}"]) - np.mean(got[f"{t}/logits"].argmax(1) == test[f"y{t}"]))
     assert max(drops.values()) <= 2.0, drops
+
+
+def test_models_from_different_exporters_and_opsets_share_one_trunk():
+    """dynamo (opset 20, MaxPool attributes spelled out) + legacy (opset 17): converted to 17, one trunk."""
+    a = str(case("cnn_dynamo") / "a.onnx")
+    b = str(case("cnn_legacy") / "b.onnx")
+    merged, report = onnxzip.merge([a, b], str(case("cnn_legacy") / "calib.npz"), {"share": 1.0})
+    assert {o.domain: o.version for o in merged.opset_import}[""] == 17
+    assert any("opset 20 to opset 17" in w for w in report["warnings"])
+    assert [n.op_type for n in merged.graph.node].count("Conv") == 3
+    drops = accuracy_drops("cnn_legacy", merged)
+    assert max(drops.values()) <= 2.0
