@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of each hidden layer's neurons to share (1.0 all, 0 none; default 1.0)")
     m.add_argument("--tasks", help="comma-separated task names, one per model (default a,b,...)")
     m.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
+    m.add_argument("--html", metavar="REPORT.html", help="write the human report (tables and plots) here")
     m.add_argument("--layer-share", type=_share_pairs, default={}, metavar="L=V,...",
                    help="per-layer override: position or node name = fraction (0.5) or count (10)")
     m.add_argument("--epsilon", type=float, help="share only pairs with predicted error below this (MTZ)")
@@ -152,6 +153,10 @@ def cmd_merge(args) -> int:
     _write_atomic(args.out, model.SerializeToString())
     if args.report:
         _write_atomic(args.report, json.dumps(report, indent=2).encode())
+    if args.html:
+        from .html_report import render
+
+        _write_atomic(args.html, render(report).encode())
     print(summary(report, args.out))
     return 0
 
