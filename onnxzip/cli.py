@@ -132,6 +132,9 @@ def _write_atomic(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the user's file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
