@@ -88,18 +88,13 @@ def align(tasks: list[str], models: dict[str, CanonicalModel],
     shared_inputs: dict[str, list[str]] = {}
     for t in tasks:
         for spec in models[t].inputs:
-            owner = next((o for o in shared_inputs.get(spec.name, [])), None)
-            if owner is not None:
-                other = next(s for s in models[owner].inputs if s.name == spec.name)
-                if (other.shape[1:], other.dtype) != (spec.shape[1:], spec.dtype):
-                    raise AlignmentError(
-                        f"input '{spec.name}' has shape {spec.shape} in model {t} but {other.shape} in model "
-                        f"{owner}: models must read the same input to be merged")
-                if spec.name in channels[t].input_group:
-                    jf.union((owner, channels[owner].find(channels[owner].input_group[spec.name])),
-                             (t, channels[t].find(channels[t].input_group[spec.name])))
             shared_inputs.setdefault(spec.name, []).append(t)
-
+    everyone = {name for name, owners in shared_inputs.items() if len(owners) == len(tasks)}
+    for t in tasks[1:]:  # layers reading the same shared graph inputs read one fixed joint space
+        for key, g in channels[t].input_group.items():
+            if key in channels[first].input_group and key[0] <= everyone:
+                jf.union((first, channels[first].find(channels[first].input_group[key])),
+                         (t, channels[t].find(g)))
     if not any(len(owners) == len(tasks) for owners in shared_inputs.values()):
         names = "; ".join(f"model {t} reads {', '.join(repr(i.name) for i in models[t].inputs)}" for t in tasks)
         raise AlignmentError(
@@ -168,29 +163,48 @@ def _one_group_per_task(tasks, channels, jf) -> Optional[str]:
 
 
 def _mark_shareable(al: Alignment) -> None:
-    """A joint layer shares only if its output group is free in every model and its inputs are shared."""
-    shareable_groups: set[int] = set()
-    for inp, owners in al.shared_inputs.items():
-        if len(owners) == len(al.tasks) and inp in al.channels[owners[0]].input_group:
-            shareable_groups.add(al.joint_group(owners[0], al.channels[owners[0]].input_group[inp]))
-    for j in al.joint:
-        reasons = []
-        for t, layer in j.layers.items():
-            cg = al.channels[t]
-            why = cg.frozen_reason(cg.layer_out[layer.index])
-            if why:
-                reasons.append(f"its output reaches {why}" if why.startswith("graph output")
+    """A joint group is shareable when every layer writing it, in every model, is an aligned layer
+    whose channels are free (not frozen) and which reads only shareable groups or shared inputs;
+    a joint layer shares exactly when its output group does."""
+    tasks, n_joint = al.tasks, len(al.joint)
+    everyone = {name for name, owners in al.shared_inputs.items() if len(owners) == len(tasks)}
+    fixed = {al.joint_group(t, g) for t in tasks for key, g in al.channels[t].input_group.items()
+             if key[0] <= everyone}
+    writers: dict[int, list[tuple[str, Layer]]] = {}
+    for t in tasks:
+        for layer in al.models[t].layers:
+            writers.setdefault(al.joint_group(t, al.channels[t].layer_out[layer.index]), []).append((t, layer))
+    excluded: dict[int, str] = {}
+    for g, ws in writers.items():
+        for t, layer in ws:
+            why = al.channels[t].frozen_reason(al.channels[t].layer_out[layer.index])
+            if layer.index >= n_joint:
+                excluded[g] = "beyond the aligned layers"
+            elif why:
+                excluded[g] = (f"its output reaches {why}" if why.startswith("graph output")
                                else f"its channels pass through {why}")
+            if g in excluded:
                 break
-        lay: Optional[Layout] = al.channels[al.tasks[0]].layer_in.get(j.layers[al.tasks[0]].index)
-        if lay is None:
-            reasons.append("its input is not a channel layout onnxzip can follow")
-        else:
-            for seg in lay.segments:
-                if al.joint_group(al.tasks[0], seg.group) not in shareable_groups:
-                    reasons.append("it reads channels that are not shared")
+    changed = True
+    while changed:  # a group is shareable only if what its writers read is
+        changed = False
+        for g, ws in writers.items():
+            if g in excluded:
+                continue
+            for t, layer in ws:
+                lay = al.channels[t].layer_in.get(layer.index)
+                if lay is None:
+                    excluded[g] = "its input is not a channel layout onnxzip can follow"
+                else:
+                    for seg in lay.segments:
+                        sg = al.joint_group(t, seg.group)
+                        if sg != g and sg not in fixed and (sg in excluded or sg not in writers):
+                            excluded[g] = "it reads channels that are not shared"
+                            break
+                if g in excluded:
+                    changed = True
                     break
-        if reasons:
-            j.shareable, j.reason = False, reasons[0]
-        else:
-            shareable_groups.add(al.joint_group(al.tasks[0], al.channels[al.tasks[0]].layer_out[j.layers[al.tasks[0]].index]))
+    for j in al.joint:
+        t, layer = tasks[0], j.layers[tasks[0]]
+        g = al.joint_group(t, al.channels[t].layer_out[layer.index])
+        j.shareable, j.reason = g not in excluded, excluded.get(g)

@@ -59,6 +59,11 @@ class Layer:
         return int(self.node.attrs.get("group", 1)) if self.kind == "conv" else 1
 
     @property
+    def depthwise(self) -> bool:
+        """One filter per input channel (MobileNet's 3x3): output channel c reads input channel c only."""
+        return self.groups > 1 and self.weight.shape[1] == 1 and self.width == self.groups
+
+    @property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:]) if self.kind == "conv" else ()
 

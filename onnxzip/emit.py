@@ -85,7 +85,9 @@ def _blocks(state: ZipState, task: str, layer: Layer):
     view = state.view(task, state.al.channels[task].layer_out[layer.index])
     row_owners = [view.owners[u] for u in view.view_to_union(task)]
     imap = state.in_map(task, layer)
-    col_owners = [imap.owners[u] for u in imap.union] if imap is not None else [frozenset([task])] * layer.weight.shape[1]
+    if imap is None or layer.depthwise:  # one input column block (depthwise filters have no input axis)
+        return _runs(row_owners), [(0, layer.weight.shape[1])]
+    col_owners = [imap.owners[u] for u in imap.union]
     return _runs(row_owners), _runs(col_owners)
 
 

@@ -80,3 +80,30 @@ class Moments:
 
     def cross_moment(self, weight: float) -> np.ndarray:
         return self.cross * (weight / max(self.rows, 1))
+
+
+class ChannelMoments:
+    """Moments per channel, for depthwise convolutions: channel c's k*k patches predict only output
+    channel c, so each channel has its own (k*k+1)-sized Hessian."""
+
+    def __init__(self, channels: int, kk: int, targets: bool):
+        self.gram = np.zeros((channels, kk + 1, kk + 1))
+        self.cross = np.zeros((channels, kk + 1)) if targets else None
+        self.rows = 0
+        self.own_gram = True
+
+    def update(self, x: np.ndarray, y: Optional[np.ndarray] = None) -> None:
+        channels = self.gram.shape[0]
+        for start in range(0, len(x), _CHUNK_ROWS):
+            part = x[start:start + _CHUNK_ROWS].reshape(-1, channels, self.gram.shape[1] - 1)
+            xb = np.concatenate([part, np.ones(part.shape[:2] + (1,), np.float32)], axis=2)
+            self.gram += np.einsum("rci,rcj->cij", xb, xb, optimize=True)
+            if self.cross is not None:
+                self.cross += np.einsum("rci,rc->ci", xb, y[start:start + _CHUNK_ROWS].astype(np.float32))
+        self.rows += len(x)
+
+    def hessian(self, weight: float) -> np.ndarray:
+        return self.gram * (weight / max(self.rows, 1))
+
+    def cross_moment(self, weight: float) -> np.ndarray:
+        return self.cross * (weight / max(self.rows, 1))

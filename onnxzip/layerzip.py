@@ -1,8 +1,9 @@
 """Zip one layer position: pair neurons and solve merged weights (MTZ), or refit a task's own layer.
 
 Everything is expressed in the joint input space ("union" columns, bias last) so that partial
-sharing, differing widths and more tasks are one formulation: a task's input vector has zeros in the
-columns it does not own.
+sharing, differing widths and more than two tasks are one formulation: a task's input vector has
+zeros in the columns it does not own, and a union neuron shared by the tasks P is solved from the
+sum of their Hessians. Tasks are zipped one after the other into the joint layer (MTZ Sec. 5.4).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class TaskSide:
     task: str
     layer: Layer
     moments: Moments
-    weight: float  # alpha or 1 - alpha
+    weight: float  # the task's share of the error (alpha, 1 - alpha, or 1/N)
     in_map: Optional[AxisMap]
     view_w: np.ndarray  # original weights, input columns in view order, rows in ORIGINAL order
     view_b: np.ndarray
@@ -53,10 +54,13 @@ class TaskSide:
 
 @dataclass
 class ZipResult:
-    pairs: list[tuple[int, int]]
-    costs: np.ndarray  # cost of each shared pair
     view: GroupView
+    costs: np.ndarray  # predicted error of each shared union channel
     weights: dict[str, tuple[np.ndarray, np.ndarray]]  # task -> (W, b) in view order
+
+    @property
+    def shared(self) -> int:
+        return self.view.shared
 
 
 def refit(side: TaskSide, damping: float) -> np.ndarray:
@@ -68,65 +72,203 @@ def refit(side: TaskSide, damping: float) -> np.ndarray:
     return pairing.spd_solve(g + ridge, rhs)
 
 
-def zip_pair(a: TaskSide, b: TaskSide, k: int, epsilon: Optional[float], options, tasks: list[str],
-             rng: np.random.Generator) -> ZipResult:
-    """Share up to k neurons between two tasks' layers; see module docstring for the spaces."""
-    d = a.union_dim()
-    ca, cb = a.columns(), b.columns()
-    ha = _embed(a.moments.hessian(a.weight), ca, d)
-    hb = _embed(b.moments.hessian(b.weight), cb, d)
-    ha_d, hb_d = pairing.damp(ha, options.damping), pairing.damp(hb, options.damping)
-    wa, wb = _embed_cols(a.flat(), ca, d), _embed_cols(b.flat(), cb, d)
-
-    solve = pairing.SPDSolver(ha_d + hb_d)  # one factorization for costs and merged weights
-    costs = pairing.pair_costs(wa, wb, ha_d, hb_d, solve)
-    if options.pairing == "random":
-        rows, cols = pairing.random_pairs(wa.shape[1], wb.shape[1], rng)
-    else:
-        rows, cols = pairing.assign(costs)
-    pair_cost = costs[rows, cols]
-    keep = np.arange(len(rows)) < k
-    if epsilon is not None:
-        keep &= pair_cost < epsilon
-    rows, cols, pair_cost = rows[keep], cols[keep], pair_cost[keep]
-    pairs = list(zip(rows.tolist(), cols.tolist()))
-    view = GroupView.paired({a.task: wa.shape[1], b.task: wb.shape[1]}, pairs, a.task, b.task, tasks)
-
-    shared = _shared_weights(a, b, rows, cols, ha, hb, ha_d, hb_d, wa, wb, ca, cb, d, options, solve)
-    weights = {}
-    for side, own_cols in ((a, ca), (b, cb)):
-        own = _own_weights(side, options)
-        order = view.order(side.task)  # original neuron index per view row
-        by_neuron = {i: s for s, i in enumerate(rows if side is a else cols)}
-        w = np.empty((len(order), len(own_cols)))
-        for r, neuron in enumerate(order):
-            s = by_neuron.get(int(neuron))
-            w[r] = shared[own_cols, s] if s is not None else own[:, neuron]
-        weights[side.task] = _unflat(w, side.layer, side.view_w)
-    return ZipResult(pairs, pair_cost, view, weights)
+def task_only(side: TaskSide, order: np.ndarray, options) -> tuple[np.ndarray, np.ndarray]:
+    """A layer no other task shares: its weights in view order (`order`: original row per view
+    row), refit to the original pre-activations when its inputs changed and calibration is on."""
+    if side.layer.depthwise:
+        flat = _depthwise_flat(side)  # already view order
+        if options.calibrate and not side.exact:
+            flat = _depthwise_refit(side, flat, options.damping)
+        return (flat[:, :-1].reshape(side.view_w.shape).astype(side.view_w.dtype),
+                flat[:, -1].astype(side.view_b.dtype))
+    flat = own_weights(side, options)[:, order]
+    return _unflat(flat.T, side.view_w)
 
 
-def _shared_weights(a, b, rows, cols, ha, hb, ha_d, hb_d, wa, wb, ca, cb, d, options, solve) -> np.ndarray:
-    """(d, k) merged weight vectors for the shared pairs, in union columns."""
-    if len(rows) == 0:
-        return np.zeros((d, 0))
-    h = solve
-    paper = pairing.merged_weights(h, ha_d @ wa[:, rows] + hb_d @ wb[:, cols])
-    if not options.calibrate:
-        return paper
-    # Our closed-form recovery: fit the original models' pre-activations from the inputs the layer
-    # sees in the merged model, ridge-pulled toward the paper's solution instead of toward zero.
-    cross_a = _embed_rows(a.moments.cross_moment(a.weight)[:, rows], ca, d)
-    cross_b = _embed_rows(b.moments.cross_moment(b.weight)[:, cols], cb, d)
-    ridge = (ha_d - ha) + (hb_d - hb)
-    return pairing.merged_weights(h, cross_a + cross_b + ridge @ paper)
-
-
-def _own_weights(side: TaskSide, options) -> np.ndarray:
-    """(d_view + 1, n) weights for neurons that stay the task's own."""
+def own_weights(side: TaskSide, options) -> np.ndarray:
+    """(d_view + 1, n) weights for neurons that stay the task's own (refit when inputs changed)."""
     if options.calibrate and not side.exact:
         return refit(side, options.damping)
     return side.flat()
+
+
+class _Space:
+    """The tasks' Hessians and weights embedded in the union input space."""
+
+    def __init__(self, sides: list[TaskSide], damping: float):
+        self.d = sides[0].union_dim()
+        self.cols = {s.task: s.columns() for s in sides}
+        self.h = {s.task: _embed(s.moments.hessian(s.weight), self.cols[s.task], self.d) for s in sides}
+        self.hd = {t: pairing.damp(h, damping) for t, h in self.h.items()}
+        self.w = {s.task: _embed_rows(s.flat(), self.cols[s.task], self.d) for s in sides}
+
+
+def pair_tasks(sides: list[TaskSide], space: _Space, k: int, epsilon: Optional[float], pairing_mode: str,
+               tasks: list[str], rng: np.random.Generator) -> tuple[GroupView, np.ndarray]:
+    """Zip each task into the joint layer in turn: MTZ costs against the joint neurons, optimal
+    assignment, the k cheapest pairs kept. Returns the union layout and each union channel's cost."""
+    first = sides[0]
+    owners = [{first.task} for _ in range(first.layer.width)]
+    index = [{first.task: i} for i in range(first.layer.width)]
+    costs = np.zeros(first.layer.width)
+    joint_w, joint_h = space.w[first.task].copy(), space.hd[first.task]
+    for side in sides[1:]:
+        t = side.task
+        hs, ws = space.hd[t], space.w[t]
+        solve = pairing.SPDSolver(joint_h + hs)
+        d = pairing.pair_costs(joint_w, ws, joint_h, hs, solve)
+        if pairing_mode == "random":
+            rows, cols = pairing.random_pairs(*d.shape, rng)
+        else:
+            rows, cols = pairing.assign(d)
+        keep = np.arange(len(rows)) < k
+        if epsilon is not None:
+            keep &= d[rows, cols] < epsilon
+        rows, cols = rows[keep], cols[keep]
+        if len(rows):  # the joint neuron becomes MTZ's merge of the pair, for the next task's costs
+            joint_w[:, rows] = solve(joint_h @ joint_w[:, rows] + hs @ ws[:, cols])
+        for u, j in zip(rows.tolist(), cols.tolist()):
+            owners[u].add(t)
+            index[u][t] = j
+            costs[u] += d[u, j]
+        alone = np.setdiff1d(np.arange(side.layer.width), cols)
+        owners += [{t} for _ in alone]
+        index += [{t: int(j)} for j in alone]
+        costs = np.concatenate([costs, np.zeros(len(alone))])
+        joint_w = np.hstack([joint_w, ws[:, alone]])
+        joint_h = joint_h + hs
+    view = GroupView.build([(frozenset(o), i) for o, i in zip(owners, index)], tasks)
+    order = sorted(range(len(owners)), key=lambda u: view.to_union[next(iter(index[u]))][next(iter(index[u].values()))])
+    return view, costs[order]
+
+
+def zip_layer(sides: list[TaskSide], k: int, options, tasks: list[str], rng: np.random.Generator,
+              view: Optional[GroupView] = None) -> ZipResult:
+    """Share up to k neurons per task between the tasks' layers at one position.
+
+    With `view` given (a group tied to earlier layers: residual stream, depthwise channels) the
+    pairing is already decided and only the merged weights are solved.
+    """
+    if sides[0].layer.depthwise:
+        return _zip_depthwise(sides, view, options)
+    space = _Space(sides, options.damping)
+    if view is None:
+        view, costs = pair_tasks(sides, space, k, options.epsilon, options.pairing, tasks, rng)
+    else:
+        costs = _view_costs(view, sides, space)
+    shared = _shared_weights(view, sides, space, options)
+    weights = {}
+    for side in sides:
+        own = own_weights(side, options)
+        order, to_union = view.order(side.task), view.to_union[side.task]
+        w = np.empty((len(order), len(space.cols[side.task])))
+        for r, neuron in enumerate(order):
+            u = int(to_union[neuron])
+            w[r] = shared[u][space.cols[side.task]] if u in shared else own[:, neuron]
+        weights[side.task] = _unflat(w, side.view_w)
+    return ZipResult(view, costs, weights)
+
+
+def _members(view: GroupView, u: int) -> dict[str, int]:
+    return {t: int(np.flatnonzero(m == u)[0]) for t, m in view.to_union.items() if u in m}
+
+
+def _shared_weights(view: GroupView, sides, space: _Space, options) -> dict[int, np.ndarray]:
+    """Merged weight vector (union columns) of every union channel shared by two or more tasks:
+    one solve per owner set. Paper: (sum H_t)^-1 sum H_t w_t. Calibrated: least squares of the
+    original pre-activations from the merged model's inputs, ridge-pulled toward the paper's."""
+    by_set: dict[frozenset, list[int]] = {}
+    for u, owners in enumerate(view.owners):
+        if len(owners) > 1:
+            by_set.setdefault(owners, []).append(u)
+    cross = {s.task: s.moments for s in sides}
+    out: dict[int, np.ndarray] = {}
+    for owners, channels in by_set.items():
+        members = [_members(view, u) for u in channels]
+        tasks = sorted(owners)
+        solve = pairing.SPDSolver(sum(space.hd[t] for t in tasks))
+        rhs = sum(space.hd[t] @ space.w[t][:, [m[t] for m in members]] for t in tasks)
+        merged = solve(rhs)
+        if options.calibrate:
+            side_weight = {s.task: s.weight for s in sides}
+            fit = sum(_embed_rows(cross[t].cross_moment(side_weight[t])[:, [m[t] for m in members]],
+                                  space.cols[t], space.d) for t in tasks)
+            ridge = sum(space.hd[t] - space.h[t] for t in tasks)
+            merged = solve(fit + ridge @ merged)
+        for i, u in enumerate(channels):
+            out[u] = merged[:, i]
+    return out
+
+
+def _view_costs(view: GroupView, sides, space: _Space) -> np.ndarray:
+    """MTZ's predicted error of the pairs a given view makes (two-task pairs; 0 elsewhere)."""
+    costs = np.zeros(view.size)
+    if len(sides) != 2:
+        return costs
+    a, b = sides[0].task, sides[1].task
+    pairs = [(u, m) for u in range(view.size) if len(view.owners[u]) == 2 for m in [_members(view, u)]]
+    if pairs:
+        m = space.hd[a] @ pairing.spd_solve(space.hd[a] + space.hd[b], space.hd[b])
+        diff = space.w[a][:, [p[1][a] for p in pairs]] - space.w[b][:, [p[1][b] for p in pairs]]
+        costs[[p[0] for p in pairs]] = 0.5 * np.einsum("dk,dk->k", diff, m @ diff)
+    return costs
+
+
+def _zip_depthwise(sides: list[TaskSide], view: GroupView, options) -> ZipResult:
+    """Depthwise convolution: each channel has its own k*k filter, so a shared channel's filter is
+    solved from that channel's Hessians alone (a (k*k+1)-sized system per channel, batched)."""
+    weights = {}
+    grams = {s.task: s.moments.hessian(s.weight) for s in sides}  # (C, kk+1, kk+1), view order
+    flats = {s.task: _depthwise_flat(s) for s in sides}  # (C, kk+1), view order
+    merged: dict[int, np.ndarray] = {}
+    by_set: dict[frozenset, list[int]] = {}
+    for u, owners in enumerate(view.owners):
+        if len(owners) > 1:
+            by_set.setdefault(owners, []).append(u)
+    pos = {s.task: {int(u): r for r, u in enumerate(view.view_to_union(s.task))} for s in sides}
+    for owners, channels in by_set.items():
+        tasks = sorted(owners)
+        h = {t: grams[t][[pos[t][u] for u in channels]] for t in tasks}
+        hd = {t: _damp_stack(h[t], options.damping) for t in tasks}
+        total = sum(hd.values())
+        rhs = sum(np.einsum("cij,cj->ci", hd[t], flats[t][[pos[t][u] for u in channels]]) for t in tasks)
+        w = np.linalg.solve(total, rhs[..., None])[..., 0]
+        if options.calibrate:
+            side_weight = {s.task: s.weight for s in sides}
+            fit = sum(next(s for s in sides if s.task == t).moments.cross_moment(side_weight[t])
+                      [[pos[t][u] for u in channels]] for t in tasks)
+            ridge = sum(hd[t] - h[t] for t in tasks)
+            w = np.linalg.solve(total, (fit + np.einsum("cij,cj->ci", ridge, w))[..., None])[..., 0]
+        for i, u in enumerate(channels):
+            merged[u] = w[i]
+    for side in sides:
+        own = flats[side.task]
+        if options.calibrate and not side.exact:
+            own = _depthwise_refit(side, own, options.damping)
+        rows = np.array([merged[int(u)] if int(u) in merged else own[r]
+                         for r, u in enumerate(view.view_to_union(side.task))])
+        kernel = rows[:, :-1].reshape(side.view_w.shape)
+        weights[side.task] = (kernel.astype(side.view_w.dtype), rows[:, -1].astype(side.view_b.dtype))
+    return ZipResult(view, np.zeros(view.size), weights)
+
+
+def _depthwise_refit(side: TaskSide, flat: np.ndarray, damping: float) -> np.ndarray:
+    g = side.moments.hessian(1.0)
+    gd = _damp_stack(g, damping)
+    rhs = side.moments.cross_moment(1.0) + np.einsum("cij,cj->ci", gd - g, flat)
+    return np.linalg.solve(gd, rhs[..., None])[..., 0]
+
+
+def _depthwise_flat(side: TaskSide) -> np.ndarray:
+    """(C, kk+1) filters with bias, channels in view order (view_w rows are already view order)."""
+    w = side.view_w.reshape(len(side.view_w), -1)
+    return np.hstack([w, side.view_b[:, None]]).astype(np.float64)
+
+
+def _damp_stack(h: np.ndarray, damping: float) -> np.ndarray:
+    scale = np.einsum("cii->c", h) / h.shape[-1]
+    eye = np.eye(h.shape[-1])
+    return h + (damping * np.where(scale > 0, scale, 1.0))[:, None, None] * eye
 
 
 def _embed(h: np.ndarray, cols: np.ndarray, d: int) -> np.ndarray:
@@ -141,9 +283,6 @@ def _embed_rows(m: np.ndarray, cols: np.ndarray, d: int) -> np.ndarray:
     return out
 
 
-_embed_cols = _embed_rows
-
-
-def _unflat(w: np.ndarray, layer: Layer, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _unflat(w: np.ndarray, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, d_view + 1) rows back to (weights shaped like the layer's, bias)."""
     return w[:, :-1].reshape((len(w),) + like.shape[1:]).astype(like.dtype), w[:, -1].astype(like.dtype)

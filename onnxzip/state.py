@@ -32,15 +32,13 @@ class ZipState:
             cg = self.al.channels[task]
             if cg.find(root) == root:
                 members.setdefault(joint, {})[task] = cg.sizes[root]
-        shared_input = {}
-        for name, owners in self.al.shared_inputs.items():
-            for t in owners:
-                if name in self.al.channels[t].input_group:
-                    shared_input[self.al.joint_group(t, self.al.channels[t].input_group[name])] = owners
+        everyone = {n for n, owners in self.al.shared_inputs.items() if len(owners) == len(self.tasks)}
+        fixed = {self.al.joint_group(t, g) for t in self.tasks
+                 for key, g in self.al.channels[t].input_group.items() if key[0] <= everyone}
         for joint, widths in members.items():
-            owners = shared_input.get(joint)
-            if owners and len(owners) > 1:
-                self.views[joint] = GroupView.identical(next(iter(widths.values())), owners, self.tasks)
+            if joint in fixed and len(widths) > 1 and len(set(widths.values())) == 1:
+                # the same graph input read by every model: one space, identical for all tasks
+                self.views[joint] = GroupView.identical(next(iter(widths.values())), list(widths), self.tasks)
             else:
                 self.views[joint] = GroupView.unshared(widths, self.tasks)
 
@@ -69,7 +67,7 @@ class ZipState:
         rows = self.out_order(task, layer)
         w, b = layer.weight[rows], layer.bias[rows]
         imap = self.in_map(task, layer)
-        if imap is not None:
+        if imap is not None and not layer.depthwise:  # a depthwise filter has no input-channel axis
             w = w[:, imap.perm]
         return w, b
 

@@ -106,4 +106,10 @@ def axis_map(layout: Layout, task: str, view_of) -> AxisMap:
         owners.extend(o for o in view.owners for _ in range(seg.inner))
         offset_o += seg.size * seg.inner
         offset_u += view.size * seg.inner
-    return AxisMap(np.concatenate(perm), np.concatenate(union), offset_u, owners)
+    perm, union = np.concatenate(perm), np.concatenate(union)
+    if layout.outer > 1:  # the channel pattern repeats (NHWC flattened): same map in every repeat
+        reps = np.arange(layout.outer)[:, None]
+        perm = (reps * offset_o + perm).ravel()
+        union = (reps * offset_u + union).ravel()
+        owners = owners * layout.outer
+    return AxisMap(perm, union, offset_u * layout.outer, owners)

@@ -19,8 +19,9 @@ from .channels import analyze
 from .emit import emit
 from .errors import (AlignmentError, CancelledError, InvalidCalibrationError, InvalidModelError, InvalidOptionsError,
                      UnsupportedGraphError)
-from .hessian import Moments, layer_rows, output_rows
-from .layerzip import TaskSide, ZipResult, refit, zip_pair
+from .hessian import ChannelMoments, Moments, layer_rows, output_rows
+from .layerzip import TaskSide, ZipResult, task_only, zip_layer
+from .tied import tied_groups, tied_views
 from .load import (InputSpec, check_model, default_opset, input_specs, load_calibration, load_labels,
                    load_model)
 from .options import MergeOptions, parse_options
@@ -84,9 +85,6 @@ def prepare(models: Sequence[ModelSource], calibration, options: MergeOptions,
     """Load, validate, canonicalize and align; no merging yet (what `inspect` shows)."""
     if len(models) < 2:
         raise InvalidOptionsError(f"give at least two models to merge, got {len(models)}")
-    if len(models) > 2:
-        raise UnsupportedGraphError("merging more than two models at once is not supported yet: "
-                                    "merge two, then merge the result's tasks separately")
     tasks = options.task_names(len(models))
     progress("load", 0.0, "reading models")
     originals = {t: _load(m) for t, m in zip(tasks, models)}
@@ -267,19 +265,31 @@ class StepRecord:
     planned: int
 
 
-def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, cancel):
+def task_weights(tasks: list[str], options: MergeOptions) -> dict[str, float]:
+    """Each task's share of the layer error: alpha / 1 - alpha for two tasks, equal for more."""
+    if len(tasks) == 2:
+        return {tasks[0]: options.alpha, tasks[1]: 1.0 - options.alpha}
+    return {t: 1.0 / len(tasks) for t in tasks}
+
+
+def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, cancel,
+               plan: Optional[dict[int, int]] = None):
+    """Process every layer position in order: capture, then pair + merge (shared) or refit (own)."""
     al = prepared.alignment
     tasks = prepared.tasks
     providers = options.providers or default_providers()
-    plan = plan_shares(al, options)
+    plan = plan if plan is not None else plan_shares(al, options)
     shareable = len(al.shareable_layers())
     if options.zipper is not None and options.zipper > shareable:
         prepared.warnings.append(f"zipper={options.zipper} asked for more layers than the {shareable} that can "
                                  "be shared; all of them were shared")
+    rng = np.random.default_rng(options.seed)
     state = ZipState(al)
+    progress("merge", 0.0, "pairing channels tied across layers (residuals)")
+    fixed_views = tied_views(al, tied_groups(al), prepared.fit, plan, options, providers, rng)
     original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
     merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
-    rng = np.random.default_rng(options.seed)
+    weights = task_weights(tasks, options)
     depth = max(len(al.models[t].layers) for t in tasks)
     joint_at = {j.position - 1: j for j in al.joint}
     records = []
@@ -289,26 +299,25 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         joint = joint_at.get(pos)
         k = plan.get(pos + 1, 0)
         progress("merge", pos / depth, f"layer {pos + 1}/{depth}: capturing activations")
-        sides: dict[str, TaskSide] = {}
+        sides: list[TaskSide] = []
         for t, layer in layers.items():
-            sides[t] = _capture(state, original[t], merged[t], t, layer, options,
-                                options.alpha if t == tasks[0] else 1.0 - options.alpha, sides.values())
+            sides.append(_capture(state, original[t], merged[t], t, layer, options, weights[t], sides))
         result = None
-        if joint is not None and joint.shareable and k > 0:
+        group = al.joint_group(tasks[0], al.channels[tasks[0]].layer_out[layers[tasks[0]].index]) if joint else None
+        if joint is not None and joint.shareable and (k > 0 or group in fixed_views):
             progress("merge", (pos + 0.5) / depth, f"layer {pos + 1}/{depth}: pairing and merging")
-            a, b = (sides[t] for t in tasks)
-            result = zip_pair(a, b, k, options.epsilon, options, tasks, rng)
-            state.set_view(a.task, al.channels[a.task].layer_out[a.layer.index], result.view)
-            for t, (w, bias) in result.weights.items():
-                state.weights[(t, layers[t].index)] = (w, bias)
-                state.modified[t].add(layers[t].index)
+            result = zip_layer(sides, k, options, tasks, rng, view=fixed_views.get(group))
+            state.views[group] = result.view
+            for side in sides:
+                state.weights[(side.task, side.layer.index)] = result.weights[side.task]
+                if _changed(result.view, side, options):
+                    state.modified[side.task].add(side.layer.index)
         else:
-            for t, side in sides.items():
+            for side in sides:
+                order = state.out_order(side.task, side.layer)
+                state.weights[(side.task, side.layer.index)] = task_only(side, order, options)
                 if options.calibrate and not side.exact:
-                    flat = refit(side, options.damping)[:, state.out_order(t, side.layer)]
-                    w = flat[:-1].T.reshape(side.view_w.shape).astype(side.view_w.dtype)
-                    state.weights[(t, side.layer.index)] = (w, flat[-1].astype(side.view_b.dtype))
-                    state.modified[t].add(side.layer.index)
+                    state.modified[side.task].add(side.layer.index)
         for t, layer in layers.items():
             merged[t].compute([layer.output], lambda nodes, t=t: state.substitutions(t, nodes))
             remaining = al.models[t].layers[pos + 1:]
@@ -319,6 +328,12 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     return state, records
 
 
+def _changed(view, side: TaskSide, options: MergeOptions) -> bool:
+    """Did this task's layer change function (not just channel order)?"""
+    to_union = view.to_union[side.task]
+    return any(len(view.owners[u]) > 1 for u in to_union) or (options.calibrate and not side.exact)
+
+
 def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
              options: MergeOptions, weight: float, others) -> TaskSide:
     """Moments of the layer's inputs in the merged model (and cross moments with its original
@@ -326,19 +341,27 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
     # The original pre-activations are only needed as targets when calibrating.
     (y,) = original.compute([layer.output], lambda nodes: {}) if options.calibrate else (None,)
     (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes))
-    dim = int(np.prod(layer.weight.shape[1:]))
-    # In a shared trunk every task's layer sees the very same inputs: accumulate their Gram once.
-    twin = next((o for o in others if o.layer.weight.shape[1:] == layer.weight.shape[1:]
-                 and o.layer.node.attrs == layer.node.attrs and o.inputs is not None
-                 and o.inputs.shape == x.shape and np.array_equal(o.inputs, x)), None)
-    moments = Moments(dim, layer.width if options.calibrate else None,
-                      gram=twin.moments.gram if twin is not None else None)
+    imap = state.in_map(task, layer)
+    if layer.depthwise:
+        # output channel c reads input channel c: both in view order, targets too
+        order = state.out_order(task, layer)
+        moments = ChannelMoments(layer.width, int(np.prod(layer.kernel)), options.calibrate)
+        w, b = layer.weight[order], layer.bias[order]
+        y = y[:, order] if y is not None else None
+    else:
+        dim = int(np.prod(layer.weight.shape[1:]))
+        # In a shared trunk every task's layer sees the very same inputs: accumulate their Gram once.
+        twin = next((o for o in others if not o.layer.depthwise
+                     and o.layer.weight.shape[1:] == layer.weight.shape[1:]
+                     and o.layer.node.attrs == layer.node.attrs and o.inputs is not None
+                     and o.inputs.shape == x.shape and np.array_equal(o.inputs, x)), None)
+        moments = Moments(dim, layer.width if options.calibrate else None,
+                          gram=twin.moments.gram if twin is not None else None)
+        w, b = layer.weight, layer.bias
+        if imap is not None:
+            w = w[:, imap.perm]
     for start in range(0, len(x), options.batch_size):
         part = slice(start, start + options.batch_size)
         rows = layer_rows(layer, x[part])
         moments.update(rows, output_rows(layer, y[part]) if options.calibrate else None)
-    w, b = layer.weight, layer.bias
-    imap = state.in_map(task, layer)
-    if imap is not None:
-        w = w[:, imap.perm]
     return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)
