@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval", metavar="TEST.npz",
                    help="extra evaluation inputs, with optional labels y<task> (ya, yb...) for accuracy")
     m.add_argument("--providers", help="onnxruntime providers, comma-separated (default: CUDA if usable)")
+    m.add_argument("--opset", type=int, dest="target_opset",
+                   help="write the merged model in this opset (e.g. 17 for TensorRT 8.5/8.6)")
+    m.add_argument("--curve", action="store_true",
+                   help="also compute the trade-off curve (first k layers shared, k = 0..L; share 0.25..1)")
+    m.add_argument("--plot", metavar="PLOT.png", help="write the sharing / trade-off plot as a PNG")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("inspect", help="show how two models' layers align, without merging")
@@ -87,7 +92,8 @@ def _add_service_commands(sub) -> None:
 def _options(args) -> dict:
     opts = {"share": args.share, "layer_share": args.layer_share, "epsilon": args.epsilon,
             "zipper": args.zipper, "calibrate": args.calibrate, "alpha": args.alpha,
-            "pairing": args.pairing, "batch_size": args.batch_size, "holdout": args.holdout}
+            "pairing": args.pairing, "batch_size": args.batch_size, "holdout": args.holdout,
+            "curve": args.curve, "target_opset": args.target_opset}
     if args.damping is not None:
         opts["damping"] = args.damping
     if args.tasks:
@@ -156,10 +162,14 @@ def cmd_merge(args) -> int:
     _write_atomic(args.out, model.SerializeToString())
     if args.report:
         _write_atomic(args.report, json.dumps(report, indent=2).encode())
-    if args.html:
-        from .html_report import render
+    if args.html or args.plot:
+        from .html_report import plot_png, render
 
-        _write_atomic(args.html, render(report).encode())
+        png = plot_png(report)
+        if args.plot and png:
+            _write_atomic(args.plot, png)
+        if args.html:
+            _write_atomic(args.html, render(report, png).encode())
     print(summary(report, args.out))
     return 0
 
@@ -174,6 +184,10 @@ def summary(report: dict, out: str) -> str:
         if "top1_agreement" in fid:
             parts.append(f"top-1 agreement {fid['top1_agreement']:.4f}")
         lines.append(f"  task {task}: {', '.join(parts)} on {fid['samples']} held-out calibration samples")
+    if report.get("tensorrt"):
+        from .tensorrt import summary_line
+
+        lines.append("  " + summary_line(report["tensorrt"]))
     for task, fid in (report.get("evaluation") or {}).items():
         if "accuracy_merged" in fid:
             lines.append(f"  task {task}: accuracy {fid['accuracy_original']:.4f} -> {fid['accuracy_merged']:.4f}"

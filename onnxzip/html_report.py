@@ -32,17 +32,22 @@ def plot_png(report: dict) -> Optional[bytes]:
     ax.legend(fontsize=8)
     if curve:
         ax = axes[0][1]
-        for task in report["tasks"]:
-            xs = [p["param_ratio"] for p in curve if p["fidelity"].get(task)]
-            ys = [p["fidelity"][task].get("top1_agreement", 1 - p["fidelity"][task]["rel_err"]) for p in curve
-                  if p["fidelity"].get(task)]
-            ax.plot(xs, ys, marker="o", label=f"task {task}")
-            for p, x, y in zip(curve, xs, ys):
-                ax.annotate(p["label"], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, task in enumerate(report["tasks"]):
+            for family, style in (("k=", "-"), ("share=", "--")):
+                pts = sorted((p for p in curve if p["label"].startswith(family) and p["fidelity"].get(task)),
+                             key=lambda p: p["param_ratio"])
+                xs = [p["param_ratio"] for p in pts]
+                ys = [p["fidelity"][task]["rel_err"] for p in pts]
+                name = "first k layers" if family == "k=" else "share fraction"
+                ax.plot(xs, ys, style, marker="o", color=colors[i % len(colors)], label=f"task {task}, {name}")
+                if family == "k=" and i == 0:
+                    for p, x, y in zip(pts, xs, ys):
+                        ax.annotate(p["label"], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel("parameters: originals / merged")
-        ax.set_ylabel("top-1 agreement with the original")
-        ax.set_title("Trade-off")
-        ax.legend(fontsize=8)
+        ax.set_ylabel("relative output error (held-out)")
+        ax.set_title("Trade-off: pick a point")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from .options import MergeOptions
+from .tensorrt import readiness, summary_line
 from .zipper import prepare
 
 
@@ -36,7 +37,19 @@ def inspect_models(models: Sequence[str], calibration: Optional[str] = None,
         "aligned_layers": len(al.joint),
         "shareable_layers": sum(1 for r in rows if r["shareable"]),
         "stop_reason": al.stop_reason,
+        # the merged model keeps the inputs' opset and ops (adding only Concat and Identity)
+        "tensorrt": readiness(_as_merged(prepared)),
     }
+
+
+def _as_merged(prepared):
+    """A stand-in with the merged model's opset and ops, to judge TensorRT readiness early."""
+    import onnx
+
+    models = list(prepared.alignment.models.values())
+    graph = onnx.helper.make_graph([onnx.helper.make_node(n.op, [], [], domain=getattr(n, "domain", "") or "")
+                                    for m in models for n in m.graph.nodes], "stand-in", [], [])
+    return onnx.helper.make_model(graph, opset_imports=[o for m in models[:1] for o in m.opset_imports])
 
 
 def format_table(info: dict) -> str:
@@ -58,4 +71,5 @@ def format_table(info: dict) -> str:
     lines.append(f"{info['shareable_layers']} of {len(info['layers'])} layer positions can be shared")
     if info["stop_reason"]:
         lines.append(f"alignment stops at {info['stop_reason']}")
+    lines.append(summary_line(info["tensorrt"]))
     return "\n".join(lines)

@@ -63,6 +63,14 @@ class MergeOptions(BaseModel):
         None,
         description="onnxruntime execution providers; default: CUDA when it really loads, else CPU.")
     seed: int = Field(0, description="Seed for random pairing and the holdout split.")
+    target_opset: Optional[int] = Field(
+        None, ge=11, le=23,
+        description="Write the merged model in this opset (e.g. 17 for TensorRT 8.5/8.6) instead of the "
+        "inputs' opset; converted with onnx's version converter and checked to compute the same outputs.")
+    curve: bool = Field(
+        False,
+        description="Also compute the trade-off curve: fidelity, parameters and multiply-adds for "
+        "sharing the first k layers (k = 0..L) and for share fractions 0.25..1, reusing captures.")
 
     @field_validator("tasks")
     @classmethod

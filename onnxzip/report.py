@@ -10,6 +10,7 @@ import onnx
 from . import __version__
 from .canonicalize import Layer
 from .runtime import make_session
+from .tensorrt import readiness
 
 
 def layer_macs(layer: Layer, shapes) -> int:
@@ -60,6 +61,7 @@ def build(prepared, state, emitted, records, options, seconds: float, evaluation
                              options.providers),
         "evaluation": (fidelity(prepared.originals, emitted.model, evaluation[0], prepared.tasks,
                                 options.providers, evaluation[1]) if evaluation else None),
+        "tensorrt": readiness(emitted.model),
         "warnings": prepared.warnings,
         "seconds": round(seconds, 3),
     }

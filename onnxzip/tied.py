@@ -35,11 +35,25 @@ def _rows(y: np.ndarray) -> np.ndarray:
     return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]).astype(np.float64)
 
 
-def tied_views(al: Alignment, groups: dict[int, list[JointLayer]], data: dict[str, np.ndarray],
-               plan: dict[int, int], options, providers, rng: np.random.Generator) -> dict[int, GroupView]:
-    """One pass of the original models over the calibration data; a pairing per tied group."""
-    if not groups:
-        return {}
+class TiedStats:
+    """Second moments of every tied writer's pre-activations in the original models: per task
+    E[y^2] per channel, and per task pair E[y_s y_t^T]. Collected once, reused for every plan."""
+
+    def __init__(self, al: Alignment, data: dict[str, np.ndarray], options, providers):
+        self.groups = tied_groups(al)
+        self.tasks = al.tasks
+        self.sq, self.cross, self.count = _collect(al, self.groups, data, options, providers) if self.groups \
+            else ({}, {}, {})
+
+    def views(self, plan: dict[int, int], options, rng: np.random.Generator) -> dict[int, GroupView]:
+        """A pairing per tied group, sharing as many channels as its first writer's plan says."""
+        return {g: _pair(js, self.tasks, plan.get(js[0].position, 0), options, rng, self.sq, self.cross, self.count)
+                for g, js in self.groups.items()}
+
+
+def _collect(al: Alignment, groups: dict[int, list[JointLayer]], data: dict[str, np.ndarray], options,
+             providers):
+    """One pass of the original models over the calibration data."""
     tasks = al.tasks
     writers = [j for js in groups.values() for j in js]
     sessions, names = {}, {}
@@ -69,11 +83,7 @@ def tied_views(al: Alignment, groups: dict[int, list[JointLayer]], data: dict[st
                 for t in tasks[a + 1:]:
                     cross[(id(j), s, t)] = cross[(id(j), s, t)] + rows[s].T @ rows[t]
             count[id(j)] += len(rows[tasks[0]])
-    views = {}
-    for g, js in groups.items():
-        k = plan.get(js[0].position, 0)
-        views[g] = _pair(js, tasks, k, options, rng, sq, cross, count)
-    return views
+    return sq, cross, count
 
 
 def _pair(js, tasks, k, options, rng, sq, cross, count) -> GroupView:

@@ -21,7 +21,7 @@ from .errors import (AlignmentError, CancelledError, InvalidCalibrationError, In
                      UnsupportedGraphError)
 from .hessian import ChannelMoments, Moments, layer_rows, output_rows
 from .layerzip import TaskSide, ZipResult, task_only, zip_layer
-from .tied import tied_groups, tied_views
+from .tied import TiedStats
 from .load import (InputSpec, check_model, default_opset, input_specs, load_calibration, load_labels,
                    load_model)
 from .options import MergeOptions, parse_options
@@ -67,15 +67,21 @@ def merge(models: Sequence[ModelSource], calibration: Union[str, dict], options=
     prepared = prepare(models, calibration, options, progress)
     eval_data = _evaluation(evaluation, prepared) if evaluation is not None else None
     _check(cancel)
-    state, rows = zip_layers(prepared, options, progress, cancel)
+    reuse = Reuse(targets={} if options.curve and _targets_fit(prepared) else None)
+    state, rows = zip_layers(prepared, options, progress, cancel, reuse=reuse)
     progress("emit", 0.0, "writing the merged model")
     emitted = emit(state)
+    if options.target_opset and options.target_opset != default_opset(emitted.model):
+        emitted.model = _to_opset(emitted.model, options.target_opset, prepared)
     _validate(emitted.model)
     progress("emit", 1.0, "merged model written")
     _check(cancel)
     progress("report", 0.0, "measuring fidelity on held-out samples")
     report = reporting.build(prepared, state, emitted, rows, options,
                              seconds=time.perf_counter() - started, evaluation=eval_data)
+    if options.curve:
+        report["curve"] = trade_off_curve(prepared, options, progress, cancel, reuse)
+        report["seconds"] = round(time.perf_counter() - started, 3)
     progress("report", 1.0, "done")
     return emitted.model, report
 
@@ -109,32 +115,58 @@ def prepare(models: Sequence[ModelSource], calibration, options: MergeOptions,
 
 def harmonize_opsets(originals: dict[str, onnx.ModelProto], probe: dict[str, np.ndarray],
                      warnings: list[str]) -> dict[str, onnx.ModelProto]:
-    """One merged graph has one opset: convert newer models down to the oldest one (TensorRT reads
-    older opsets), checking that each converted model still computes the same outputs."""
+    """One merged graph has one opset. Convert newer models down to the oldest opset (TensorRT reads
+    older ones); where onnx's converter cannot, convert the older models up instead. Every converted
+    model is checked to compute the same outputs."""
     opsets = {t: default_opset(m) for t, m in originals.items()}
-    target = min(opsets.values())
-    out = dict(originals)
-    for t, model in originals.items():
-        if opsets[t] == target:
-            continue
-        why = None
-        try:
-            converted = onnx.version_converter.convert_version(model, target)
-            converted.ir_version = model.ir_version
-            before = reporting.run_outputs(model, probe)
-            after = reporting.run_outputs(converted, probe)
-            worst = max(float(np.max(np.abs(a - b))) for a, b in zip(before, after) if a.dtype.kind == "f")
-            if worst > 1e-4:
-                why = f"its outputs change by {worst:.2g} after conversion"
-        except Exception as err:  # the converter lacks adapters for some ops
-            why = " ".join(str(err).split())[:200]
-        if why:
-            raise InvalidModelError(
-                f"the models use different opsets ({', '.join(f'{k}: {v}' for k, v in opsets.items())}) and "
-                f"model {t} cannot be converted to opset {target} ({why}); export both with the same opset")
-        warnings.append(f"model {t} was converted from opset {opsets[t]} to opset {target} to match the others")
-        out[t] = converted
-    return out
+    if len(set(opsets.values())) == 1:
+        return dict(originals)
+    failures = []
+    for target in (min(opsets.values()), max(opsets.values())):
+        converted, problems = {}, []
+        for t, model in originals.items():
+            if opsets[t] == target:
+                converted[t] = model
+                continue
+            result, why = _convert(model, target, probe)
+            if why:
+                problems.append(f"model {t} to opset {target}: {why}")
+            converted[t] = result
+        if not problems:
+            for t in originals:
+                if opsets[t] != target:
+                    warnings.append(f"model {t} was converted from opset {opsets[t]} to opset {target} "
+                                    "to match the others")
+            return converted
+        failures += problems
+    raise InvalidModelError(
+        f"the models use different opsets ({', '.join(f'{k}: {v}' for k, v in opsets.items())}) and "
+        f"onnx's converter cannot bring them together ({'; '.join(failures)}); export both with the same opset")
+
+
+def _to_opset(model: onnx.ModelProto, target: int, prepared: Prepared) -> onnx.ModelProto:
+    probe = {k: v[:8] for k, v in prepared.fit.items()}
+    converted, why = _convert(model, target, probe)
+    if why:
+        raise InvalidOptionsError(f"target_opset {target}: the merged model cannot be converted ({why}); "
+                                  "keep the inputs' opset or re-export the inputs with the opset you need")
+    prepared.warnings.append(f"the merged model was converted from opset {default_opset(model)} to {target}")
+    return converted
+
+
+def _convert(model: onnx.ModelProto, target: int, probe: dict[str, np.ndarray]):
+    """(converted model, None) or (None, why not)."""
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+        converted.ir_version = max(model.ir_version, converted.ir_version if target > default_opset(model) else 0)
+        before = reporting.run_outputs(model, probe)
+        after = reporting.run_outputs(converted, probe)
+    except Exception as err:  # the converter lacks adapters for some ops
+        return None, " ".join(str(err).split())[:160]
+    worst = max((float(np.max(np.abs(a - b))) for a, b in zip(before, after) if a.dtype.kind == "f"), default=0.0)
+    if worst > 1e-4:
+        return None, f"its outputs change by {worst:.2g} after conversion"
+    return converted, None
 
 
 def _synthetic_probe(specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -226,6 +258,48 @@ def _validate(model: onnx.ModelProto) -> None:
         raise RuntimeError(f"onnxzip wrote a model that fails onnx.checker: {err}") from err
 
 
+# --- the trade-off curve -------------------------------------------------------------------------
+
+CURVE_SHARES = (0.25, 0.5, 0.75, 1.0)
+_TARGET_CACHE_BYTES = 2 << 30
+
+
+def _targets_fit(prepared: Prepared) -> bool:
+    """Can every layer's original pre-activations stay in memory across the curve's runs?"""
+    n = len(next(iter(prepared.fit.values())))
+    total = sum(4 * n * int(np.prod([d for d in m.shapes.get(l.output, ())[1:] if d], dtype=np.int64))
+                for m in prepared.alignment.models.values() for l in m.layers)
+    return total <= _TARGET_CACHE_BYTES
+
+
+def trade_off_curve(prepared: Prepared, options: MergeOptions, progress: Progress, cancel,
+                    reuse: Optional["Reuse"] = None) -> list[dict]:
+    """Fidelity, parameters and multiply-adds for zippering k = 0..L (the first k shareable layers
+    fully shared, the MobileNet paper's Table 1) and for uniform share fractions, in one run: the
+    canonical models, alignment, tied-group statistics and original activations are reused."""
+    al = prepared.alignment
+    reuse = reuse or Reuse(targets={} if _targets_fit(prepared) else None)
+    positions = [j.position for j in al.shareable_layers()]
+    settings = [(f"k={k}", {"zipper": positions[k - 1] if k else 0}) for k in range(len(positions) + 1)]
+    settings += [(f"share={s:g}", {"share": s, "zipper": None}) for s in CURVE_SHARES]
+    points = []
+    for i, (label, change) in enumerate(settings):
+        _check(cancel)
+        progress("curve", i / len(settings), f"trade-off point {label}")
+        point_options = options.model_copy(update={**change, "layer_share": {}, "epsilon": None, "curve": False})
+        state, records = zip_layers(prepared, point_options, lambda *a: None, cancel,
+                                    plan_shares(al, point_options), reuse)
+        emitted = emit(state)
+        summary = reporting.build(prepared, state, emitted, records, point_options, seconds=0.0)
+        points.append({"label": label, "setting": change,
+                       "shared": [r["shared"] for r in summary["layers"]],
+                       **{k: summary["totals"][k] for k in ("param_ratio", "macs_ratio", "size_ratio")},
+                       "fidelity": {t: {k: v for k, v in f.items() if k in ("rel_err", "top1_agreement")}
+                                    for t, f in summary["fidelity"].items()}})
+    progress("curve", 1.0, "trade-off curve done")
+    return points
+
+
 # --- the zip loop ---------------------------------------------------------------------------------
 
 def plan_shares(al: Alignment, options: MergeOptions) -> dict[int, int]:
@@ -272,9 +346,18 @@ def task_weights(tasks: list[str], options: MergeOptions) -> dict[str, float]:
     return {t: 1.0 / len(tasks) for t in tasks}
 
 
+@dataclass
+class Reuse:
+    """What does not depend on the sharing plan, kept across the runs of a trade-off curve."""
+
+    tied: Optional[TiedStats] = None
+    targets: Optional[dict] = None  # (task, tensor) -> original pre-activations, when they fit in memory
+
+
 def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, cancel,
-               plan: Optional[dict[int, int]] = None):
+               plan: Optional[dict[int, int]] = None, reuse: Optional[Reuse] = None):
     """Process every layer position in order: capture, then pair + merge (shared) or refit (own)."""
+    reuse = reuse or Reuse()
     al = prepared.alignment
     tasks = prepared.tasks
     providers = options.providers or default_providers()
@@ -286,7 +369,9 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     rng = np.random.default_rng(options.seed)
     state = ZipState(al)
     progress("merge", 0.0, "pairing channels tied across layers (residuals)")
-    fixed_views = tied_views(al, tied_groups(al), prepared.fit, plan, options, providers, rng)
+    if reuse.tied is None:
+        reuse.tied = TiedStats(al, prepared.fit, options, providers)
+    fixed_views = reuse.tied.views(plan, options, rng)
     original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
     merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
     weights = task_weights(tasks, options)
@@ -301,7 +386,8 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         progress("merge", pos / depth, f"layer {pos + 1}/{depth}: capturing activations")
         sides: list[TaskSide] = []
         for t, layer in layers.items():
-            sides.append(_capture(state, original[t], merged[t], t, layer, options, weights[t], sides))
+            sides.append(_capture(state, original[t], merged[t], t, layer, options, weights[t], sides,
+                                  reuse.targets))
         result = None
         group = al.joint_group(tasks[0], al.channels[tasks[0]].layer_out[layers[tasks[0]].index]) if joint else None
         if joint is not None and joint.shareable and (k > 0 or group in fixed_views):
@@ -335,11 +421,19 @@ def _changed(view, side: TaskSide, options: MergeOptions) -> bool:
 
 
 def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
-             options: MergeOptions, weight: float, others) -> TaskSide:
+             options: MergeOptions, weight: float, others, targets: Optional[dict] = None) -> TaskSide:
     """Moments of the layer's inputs in the merged model (and cross moments with its original
     pre-activations), streamed batch by batch."""
     # The original pre-activations are only needed as targets when calibrating.
-    (y,) = original.compute([layer.output], lambda nodes: {}) if options.calibrate else (None,)
+    y = None
+    if options.calibrate:
+        key = (task, layer.output)
+        if targets is not None and key in targets:
+            y = targets[key]
+        else:
+            (y,) = original.compute([layer.output], lambda nodes: {})
+            if targets is not None:
+                targets[key] = y
     (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes))
     imap = state.in_map(task, layer)
     if layer.depthwise:
