@@ -1,0 +1,34 @@
+"""Dependencies as annotated aliases: what the app holds, handed to the routers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .artifacts import ArtifactStore
+from .settings import Settings
+from .store import JobStore
+from .workers import WorkerPool
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def get_artifacts(request: Request) -> ArtifactStore:
+    return request.app.state.artifacts
+
+
+def get_pool(request: Request) -> WorkerPool:
+    return request.app.state.pool
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
+PoolDep = Annotated[WorkerPool, Depends(get_pool)]

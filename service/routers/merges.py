@@ -1,0 +1,223 @@
+"""/v1/merges: submit, list, read, cancel, delete merge jobs; their events and artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import shutil
+import time
+import uuid
+from typing import Annotated, Optional
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse, StreamingResponse
+
+from onnxzip.errors import InvalidOptionsError
+
+from ..artifacts import MEDIA_TYPES
+from ..deps import ArtifactsDep, SettingsDep, StoreDep
+from ..errors import ApiError, not_found
+from ..schemas import ErrorBody, EventPublic, JobList, JobPublic, JobStatus
+from ..store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from ..uploads import check_inputs, parse_options_field, payload_hash, save_inputs
+
+router = APIRouter(prefix="/v1/merges", tags=["merges"])
+
+SSE_POLL_S = 0.25
+SSE_KEEPALIVE_S = 15.0
+
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422)}
+
+
+def _require_multipart(request: Request) -> None:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"send multipart/form-data (got '{content_type or 'no content type'}'): fields models "
+                       "(two or more .onnx files), calibration (one .npz) and options (optional JSON), as "
+                       "curl -F models=@a.onnx -F models=@b.onnx -F calibration=@calib.npz does")
+
+
+def _job_or_404(store, job_id: str) -> Job:
+    job = store.get(job_id)
+    if job is None:
+        raise not_found(job_id)
+    return job
+
+
+def _accepted(response: Response, job: Job, replayed: bool = False) -> JobPublic:
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/merges/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.of(job)
+
+
+@router.post("", status_code=202, response_model=JobPublic, responses=_ERRORS,
+             dependencies=[Depends(_require_multipart)], summary="Submit a merge job",
+             description="Multipart fields: `models` (two or more .onnx files, in task order), `calibration` "
+                         "(one .npz, one array per model input keyed by input name), `options` (optional JSON "
+                         "object with the CLI's settings, validated as MergeOptions). The inputs are checked "
+                         "before the job is queued; answers 202 with the job and its Location. With an "
+                         "Idempotency-Key, the same key and payload return the same job.")
+def create_merge(
+    response: Response, store: StoreDep, settings: SettingsDep, artifacts: ArtifactsDep,
+    models: Annotated[list[UploadFile], File(description="Two or more .onnx files, in task order.")],
+    calibration: Annotated[UploadFile, File(description="One .npz: an array per model input, samples on axis 0.")],
+    options: Annotated[Optional[str], Form(description='JSON, e.g. {"share": 1.0, "tasks": ["a", "b"]}',
+                                           examples=['{"share": 1.0, "tasks": ["digit", "mod4"]}'])] = None,
+    idempotency_key: Annotated[Optional[str], Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> JobPublic:
+    merge_options = parse_options_field(options)
+    if len(models) < 2:
+        raise InvalidOptionsError(f"give at least two models to merge, got {len(models)}: repeat the field, "
+                                  "-F models=@a.onnx -F models=@b.onnx")
+    merge_options.task_names(len(models))
+    staging = artifacts.new_staging()
+    try:
+        inputs = save_inputs(models, calibration, staging, settings)
+        digest = payload_hash(inputs, merge_options)
+        if idempotency_key is not None and (earlier := store.find_by_key(idempotency_key)) is not None:
+            return _replay(response, earlier, digest, idempotency_key)
+        check_inputs(inputs, staging, settings)
+        job_id = uuid.uuid4().hex
+        artifacts.adopt_inputs(staging, job_id)
+        job, created = store.create(Job(
+            id=job_id, status=QUEUED, created_at=time.time(), options=merge_options.model_dump(mode="json"),
+            inputs=[i.public() for i in inputs], max_attempts=settings.max_attempts,
+            idempotency_key=idempotency_key, payload_hash=digest))
+        if not created:  # a concurrent request with the same key won the race
+            artifacts.remove(job_id)
+            return _replay(response, job, digest, idempotency_key)
+        return _accepted(response, job)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replay(response: Response, earlier: Job, digest: str, key: str) -> JobPublic:
+    if earlier.payload_hash != digest:
+        raise ApiError(422, "idempotency_key_reused",
+                       f"Idempotency-Key '{key}' was already used for a different request (other files or "
+                       f"options; job {earlier.id}): use a new key for a new job")
+    return _accepted(response, earlier, replayed=True)
+
+
+def _decode_cursor(cursor: Optional[str]) -> Optional[int]:
+    if cursor is None:
+        return None
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, binascii.Error, UnicodeDecodeError) as err:
+        raise ApiError(422, "invalid_request", "cursor is not one this service issued: pass next_cursor from "
+                                               "the previous page unchanged") from err
+
+
+@router.get("", response_model=JobList, responses=_ERRORS, summary="List jobs, newest first")
+def list_merges(store: StoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                cursor: Optional[str] = None, status: Optional[JobStatus] = None) -> JobList:
+    jobs = store.page(limit + 1, _decode_cursor(cursor), status)
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    next_cursor = (base64.urlsafe_b64encode(str(jobs[-1].seq).encode()).decode().rstrip("=")
+                   if more else None)
+    return JobList(items=[JobPublic.of(j) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="A job's state")
+def get_merge(job_id: str, store: StoreDep) -> JobPublic:
+    return JobPublic.of(_job_or_404(store, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=_ERRORS, summary="Cancel a job",
+             description="A queued job is cancelled at once (200). A running one stops at the next stage "
+                         "boundary, or its worker is ended after the grace period (202; poll the job).")
+def cancel_merge(job_id: str, store: StoreDep, response: Response) -> JobPublic:
+    job = _job_or_404(store, job_id)
+    if job.status in (SUCCEEDED, FAILED):
+        raise ApiError(409, "job_finished", f"job {job_id} already {job.status}: nothing to cancel "
+                                            "(DELETE it to remove it)")
+    job = store.request_cancel(job_id) or job
+    response.status_code = 202 if job.status == RUNNING else 200
+    return JobPublic.of(job)
+
+
+@router.delete("/{job_id}", status_code=204, responses=_ERRORS, summary="Delete a job and its files",
+               description="A running job loses its lease at once; its worker stops within the grace period.")
+def delete_merge(job_id: str, store: StoreDep, artifacts: ArtifactsDep) -> Response:
+    job = store.request_cancel(job_id)
+    if job is None or store.delete(job_id) is None:
+        raise not_found(job_id)
+    artifacts.remove(job_id)
+    return Response(status_code=204)
+
+
+@router.get("/{job_id}/events", response_model=list[EventPublic], responses=_ERRORS,
+            summary="A job's events (JSON, or server-sent events)",
+            description="JSON list of events after `after`. With `Accept: text/event-stream`, server-sent "
+                        "events that resume after `Last-Event-ID` and end once the job has finished.")
+async def merge_events(job_id: str, request: Request, store: StoreDep,
+                       after: Annotated[int, Query(ge=0)] = 0,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+                       last_event_id: Annotated[Optional[str], Header(alias="Last-Event-ID")] = None):
+    await to_thread.run_sync(_job_or_404, store, job_id)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        events = await to_thread.run_sync(store.events, job_id, after, limit)
+        return [EventPublic.of(e) for e in events]
+    if last_event_id is not None and last_event_id.strip().isdigit():
+        after = int(last_event_id)
+    return StreamingResponse(_event_stream(request, store, job_id, after), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _event_stream(request: Request, store, job_id: str, after: int):
+    yield "retry: 1000\n\n"
+    quiet_since = time.monotonic()
+    while True:
+        events = await to_thread.run_sync(store.events, job_id, after, 500)
+        for event in events:
+            data = EventPublic.of(event).model_dump(mode="json")
+            yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(data)}\n\n"
+            after = event.id
+        if events:
+            quiet_since = time.monotonic()
+            continue
+        job = await to_thread.run_sync(store.get, job_id)
+        if job is None or job.finished:  # every event of a finished job has been sent above
+            return
+        if await request.is_disconnected():
+            return
+        if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(SSE_POLL_S)
+
+
+@router.get("/{job_id}/artifacts/{name}", responses={**_ERRORS, 200: {"content": {
+    "application/octet-stream": {}, "application/json": {}, "text/html": {}}}, 304: {"description": "Not modified"}},
+    response_class=FileResponse, summary="Download merged.onnx, report.json or report.html",
+    description="ETag is the file's sha256; If-None-Match with it answers 304.")
+def get_artifact(job_id: str, name: str, store: StoreDep, artifacts: ArtifactsDep,
+                 if_none_match: Annotated[Optional[str], Header(alias="If-None-Match")] = None):
+    job = _job_or_404(store, job_id)
+    if name not in MEDIA_TYPES:
+        raise ApiError(404, "not_found", f"no artifact '{name}': a finished job has "
+                                         f"{', '.join(MEDIA_TYPES)}")
+    if job.status != SUCCEEDED:
+        raise ApiError(409, "job_not_finished" if not job.finished else "no_artifacts",
+                       f"job {job_id} is {job.status}: artifacts exist only once it has succeeded"
+                       + ("; poll GET /v1/merges/" + job_id if not job.finished else ""))
+    meta = next(a for a in job.artifacts if a["name"] == name)
+    etag = f'"{meta["sha256"]}"'
+    if if_none_match is not None and _etag_matches(if_none_match, meta["sha256"]):
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(artifacts.path(job_id, name), media_type=MEDIA_TYPES[name], filename=name,
+                        content_disposition_type="attachment" if name.endswith(".onnx") else "inline",
+                        headers={"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"})
+
+
+def _etag_matches(header: str, sha256: str) -> bool:
+    tags = [t.strip().removeprefix("W/").strip('"') for t in header.split(",")]
+    return "*" in tags or sha256 in tags

@@ -1,0 +1,177 @@
+"""What the API sends back (one schema per direction); requests are multipart forms, see routers/merges.py."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from onnxzip.options import MergeOptions
+
+from .artifacts import MEDIA_TYPES
+from .store import Event, Job
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+_JOB_EXAMPLE = {
+    "id": "3f2c0d7e9b1a4c5d8e6f7a8b9c0d1e2f",
+    "status": "succeeded",
+    "stage": "done",
+    "progress": 1.0,
+    "message": "merged",
+    "created_at": "2026-01-05T10:00:00Z",
+    "started_at": "2026-01-05T10:00:00.2Z",
+    "finished_at": "2026-01-05T10:00:01.4Z",
+    "attempts": 1,
+    "max_attempts": 3,
+    "worker_pid": 4242,
+    "cancel_requested": False,
+    "inputs": [
+        {"role": "model", "name": "a.onnx", "size": 203139, "sha256": "9d4e...c1"},
+        {"role": "model", "name": "b.onnx", "size": 200715, "sha256": "0b7a...52"},
+        {"role": "calibration", "name": "calib.npz", "size": 19692, "sha256": "77f0...3e"},
+    ],
+    "options": {"share": 1.0, "tasks": ["digit", "mod4"]},
+    "error": None,
+    "artifacts": [
+        {"name": "merged.onnx", "size": 103021, "sha256": "5be1...aa",
+         "url": "/v1/merges/3f2c0d7e9b1a4c5d8e6f7a8b9c0d1e2f/artifacts/merged.onnx"},
+    ],
+}
+
+
+def _time(t: Optional[float]) -> Optional[datetime]:
+    return datetime.fromtimestamp(t, tz=timezone.utc) if t is not None else None
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable, for machines: invalid_model, invalid_calibration, invalid_options, "
+                                  "cannot_align, too_large, not_found, timeout, cancelled, ...")
+    message: str = Field(description="For people: what is wrong and what to do about it.")
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"error": {
+        "code": "invalid_calibration",
+        "message": "'calib.npz' has no array for model input(s) 'input'; it holds 'x'. Save one array per "
+                   "input, keyed by input name: np.savez(path, **{'input': ...})"}}]})
+
+    error: ErrorDetail
+
+
+class InputPublic(BaseModel):
+    role: Literal["model", "calibration"]
+    name: str = Field(description="The file name the client sent (metadata only; stored under a server name).")
+    size: int
+    sha256: str
+
+
+class ArtifactPublic(BaseModel):
+    name: str = Field(description="merged.onnx, report.json or report.html")
+    size: int
+    sha256: str = Field(description="Also the artifact's ETag.")
+    media_type: str
+    url: str
+
+
+class JobPublic(BaseModel):
+    """A merge job as clients see it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_JOB_EXAMPLE]})
+
+    id: str
+    status: JobStatus
+    stage: Optional[str] = Field(description="queued, starting, load, canonicalize, merge, emit, report, "
+                                             "artifacts, done (a failed job keeps the stage it failed in)")
+    progress: float = Field(ge=0.0, le=1.0, description="Fraction of the whole job done.")
+    message: str
+    created_at: datetime
+    started_at: Optional[datetime] = Field(description="Start of the latest attempt.")
+    finished_at: Optional[datetime]
+    attempts: int = Field(description="Attempts started; a worker that dies under a job costs one.")
+    max_attempts: int
+    worker_pid: Optional[int] = Field(description="Process id of the worker that runs (or ran) the latest attempt.")
+    cancel_requested: bool
+    inputs: list[InputPublic]
+    options: MergeOptions
+    error: Optional[ErrorDetail] = None
+    artifacts: list[ArtifactPublic] = Field(description="Present once the job has succeeded.")
+
+    @classmethod
+    def of(cls, job: Job) -> "JobPublic":
+        return cls(
+            id=job.id, status=job.status, stage=job.stage, progress=round(job.progress, 4), message=job.message,
+            created_at=_time(job.created_at), started_at=_time(job.started_at), finished_at=_time(job.finished_at),
+            attempts=job.attempts, max_attempts=job.max_attempts, worker_pid=job.worker_pid,
+            cancel_requested=job.cancel_requested_at is not None,
+            inputs=[InputPublic(**{k: i[k] for k in ("role", "name", "size", "sha256")}) for i in job.inputs],
+            options=MergeOptions(**job.options),
+            error=ErrorDetail(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+            artifacts=[ArtifactPublic(**a, media_type=MEDIA_TYPES[a["name"]],
+                                      url=f"/v1/merges/{job.id}/artifacts/{a['name']}") for a in job.artifacts])
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [_JOB_EXAMPLE], "next_cursor": "NDI"}]})
+
+    items: list[JobPublic]
+    next_cursor: Optional[str] = Field(description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class EventPublic(BaseModel):
+    """One step of a job's history. `id` increases; resume with ?after=ID or Last-Event-ID."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 17, "at": "2026-01-05T10:00:00.9Z", "type": "progress", "status": "running", "stage": "merge",
+        "progress": 0.62, "message": "layer 2/3: pairing and merging"}]})
+
+    id: int
+    at: datetime
+    type: Literal["status", "progress", "cancel_requested", "requeued"]
+    status: JobStatus
+    stage: Optional[str]
+    progress: float
+    message: str
+
+    @classmethod
+    def of(cls, event: Event) -> "EventPublic":
+        return cls(id=event.id, at=_time(event.at), type=event.type, status=event.status, stage=event.stage,
+                   progress=round(event.progress, 4), message=event.message)
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    """Readiness: the store takes writes, the workers are alive, onnxruntime loads."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "ready": True, "checks": {"store": "ok", "workers": "2 of 2 alive",
+                                  "providers": "CPUExecutionProvider"}}]})
+
+    ready: bool
+    checks: dict[str, str]
+
+
+class Info(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "versions": {"onnxzip": "0.1.0", "onnx": "1.21.0", "onnxruntime": "1.31.1", "python": "3.11.9"},
+        "providers": ["CPUExecutionProvider"],
+        "available_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda_usable": False,
+        "opsets": {"emitted": "the inputs' opset, kept", "accepted": [11, 23]},
+        "limits": {"max_upload_bytes": 2147483648}, "workers": 2}]})
+
+    versions: dict[str, str]
+    providers: list[str] = Field(description="The onnxruntime execution providers merges run on.")
+    available_providers: list[str] = Field(description="What this onnxruntime build offers (CUDA needs its "
+                                                      "libraries and a GPU to be usable).")
+    cuda_usable: bool
+    opsets: dict
+    limits: dict[str, Union[int, float]]
+    workers: int

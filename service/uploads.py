@@ -1,0 +1,187 @@
+"""What a submission must pass before it becomes a job: size limits, then the engine's own checks.
+
+Sizes are enforced three times: the request's Content-Length and its streamed bytes (`BodyLimit`,
+before anything is parsed), then each file as it is copied into the job's folder. Models are parsed
+and checked (external data refused), and the calibration is read as the engine reads it (headers
+first: no pickles, declared sizes against zip bombs; then names, shapes, dtypes, NaNs), so a bad job
+is refused at submit time with the engine's message, not accepted and failed later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from onnxzip.errors import InvalidOptionsError, OnnxZipError
+from onnxzip.load import input_specs, load_calibration, load_model
+from onnxzip.options import MergeOptions, parse_options
+
+from .artifacts import copy_hashed
+from .errors import ApiError, error_response
+from .settings import Settings
+
+# Submit-time checks hold a model and the calibration in memory: at most this many at once.
+_VALIDATING = threading.BoundedSemaphore(2)
+
+
+class UploadTooLarge(HTTPException):
+    """Raised from `receive` once the body passes the limit; FastAPI passes HTTPExceptions through."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, _too_large_message(limit))
+
+
+def _too_large_message(limit: int) -> str:
+    return (f"the request is larger than this service's limit of {limit} bytes (ONNXZIP_MAX_UPLOAD_BYTES): "
+            "send fewer calibration samples or smaller models")
+
+
+class BodyLimit:
+    """ASGI wrapper: refuse a declared Content-Length over the limit at once, and count the bytes
+    of every body as they stream in, answering 413 as soon as the count passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(413, "too_large", _too_large_message(self.max_bytes),
+                                      headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        seen, started = 0, False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise UploadTooLarge(self.max_bytes)
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except UploadTooLarge as exc:  # raised where no handler turned it into a response
+            if started:
+                raise
+            await error_response(413, "too_large", exc.detail)(scope, receive, send)
+
+
+@dataclass
+class StoredInput:
+    role: str  # model | calibration
+    name: str  # the client's file name, metadata only
+    stored: str  # the server-chosen file name in inputs/
+    size: int
+    sha256: str
+
+    def public(self) -> dict:
+        return {"role": self.role, "name": self.name, "stored": self.stored, "size": self.size,
+                "sha256": self.sha256}
+
+
+def parse_options_field(text: Optional[str]) -> MergeOptions:
+    """The `options` form field: a JSON object validated by MergeOptions (InvalidOptionsError if not)."""
+    if text is None or not text.strip():
+        return MergeOptions()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidOptionsError(
+            f"options is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): send a JSON "
+            'object such as {"share": 1.0, "tasks": ["a", "b"]}') from err
+    if not isinstance(data, dict):
+        raise InvalidOptionsError(
+            f'options must be a JSON object such as {{"share": 1.0}}, not {type(data).__name__}')
+    return parse_options(data)
+
+
+def client_name(filename: Optional[str], default: str) -> str:
+    """The client's file name for messages and metadata: printable, at most 200 characters."""
+    name = re.sub(r"[\x00-\x1f\x7f]", "", filename or "").strip()
+    return name[:200] or default
+
+
+def save_inputs(models: list, calibration, staging: Path, settings: Settings) -> list[StoredInput]:
+    """Copy the uploads into `staging` under server-chosen names, hashing and size-checking each."""
+    files = [("model", f"model-{i}.onnx", upload, settings.max_model_bytes, "ONNXZIP_MAX_MODEL_BYTES")
+             for i, upload in enumerate(models)]
+    files.append(("calibration", "calibration.npz", calibration, settings.max_calibration_bytes,
+                  "ONNXZIP_MAX_CALIBRATION_BYTES"))
+    stored = []
+    for role, server_name, upload, limit, env in files:
+        name = client_name(upload.filename, server_name)
+        upload.file.seek(0)
+        try:
+            size, digest = copy_hashed(upload.file, staging / server_name, limit)
+        except OverflowError as err:
+            raise ApiError(413, "too_large",
+                           f"{role} '{name}' is larger than this service's limit of {limit} bytes ({env}); "
+                           + ("send a smaller model" if role == "model" else "send fewer samples")) from err
+        stored.append(StoredInput(role, name, server_name, size, digest))
+    return stored
+
+
+def payload_hash(inputs: list[StoredInput], options: MergeOptions) -> str:
+    """Identity of a submission for Idempotency-Key: every file's bytes, in order, and the options."""
+    digest = hashlib.sha256()
+    for item in inputs:
+        digest.update(f"{item.role}:{item.sha256}\n".encode())
+    digest.update(json.dumps(options.model_dump(mode="json"), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def check_inputs(inputs: list[StoredInput], staging: Path, settings: Settings) -> None:
+    """The engine's checks on the stored files; raises OnnxZipError naming the client's file."""
+    models = [i for i in inputs if i.role == "model"]
+    calibration = next(i for i in inputs if i.role == "calibration")
+    with _VALIDATING:
+        specs = {}
+        for item in models:
+            with _named(item):
+                model = load_model(str(staging / item.stored), allow_external_data=False)
+            for spec in input_specs(model):
+                specs.setdefault(spec.name, spec)  # conflicting inputs are the engine's to report
+            del model
+        with _named(calibration):
+            load_calibration(str(staging / calibration.stored), list(specs.values()),
+                             max_bytes=settings.max_calibration_bytes)
+
+
+class _named:
+    """Re-raise the engine's errors with the client's file name in place of the server-chosen one."""
+
+    def __init__(self, item: StoredInput):
+        self.item = item
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if isinstance(err, OnnxZipError):
+            message = rename(str(err), {self.item.stored: self.item.name})
+            raise type(err)(message) from err
+        return False
+
+
+def rename(message: str, names: dict[str, str]) -> str:
+    """Replace server-chosen file names ('model-0.onnx') in an engine message by the client's."""
+    for stored, name in names.items():
+        message = message.replace(f"'{stored}'", f"'{name}'")
+    return " ".join(message.split())

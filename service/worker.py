@@ -1,0 +1,176 @@
+"""One merge worker: a long-lived process that claims a job, runs onnxzip.merge, writes the artifacts
+and marks the job done, over and over. `run_worker()` is `onnxzip worker`: a pool without the API.
+
+A worker exits by itself when its parent dies (so a killed server leaves no orphans computing), when
+its lease is lost and the merge does not stop within the grace period, and after a cancelled or
+crashed job (the pool starts a fresh process: nothing of that merge lingers in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+import traceback
+
+from onnxzip.errors import CancelledError, OnnxZipError
+
+from .artifacts import ArtifactStore
+from .settings import Settings
+from .store import CANCEL, CANCELLED, FAILED, HELD, HOST, LOST, SUCCEEDED, Job, JobStore, open_store
+from .uploads import rename
+
+log = logging.getLogger("onnxzip.worker")
+
+IDLE_POLL_S = 0.1  # how soon an idle worker sees a new job
+PARENT_CHECK_S = 0.5  # how soon a worker notices its parent died
+EXIT_ORPHANED, EXIT_STUCK = 3, 4
+
+# The engine's stages and the share of the whole job each takes (for one overall progress fraction).
+STAGES = {"starting": (0.0, 0.0), "load": (0.0, 0.05), "canonicalize": (0.05, 0.15), "merge": (0.15, 0.85),
+          "emit": (0.85, 0.9), "report": (0.9, 0.95), "artifacts": (0.95, 1.0)}
+
+
+def worker_main(settings: Settings, parent_pid: int) -> None:
+    """Entry point of a spawned worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    _exit_with_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    store, artifacts = open_store(settings), ArtifactStore(settings.data_dir)
+    _warm_up()
+    while True:
+        try:
+            job = store.claim(os.getpid(), HOST, settings.lease_s)
+        except sqlite3.OperationalError as err:  # the store is busy or briefly unavailable: try again
+            log.warning("claim failed: %s", err)
+            job = None
+        if job is None:
+            time.sleep(IDLE_POLL_S)
+            continue
+        if not run_job(job, store, artifacts, settings):
+            return  # recycle: the pool starts a fresh process
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_S)
+            if os.getppid() != parent_pid:
+                os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _warm_up() -> None:
+    """Import what a merge needs before the first job, so the first job is not the slow one."""
+    import onnxzip.html_report  # noqa: F401
+    import onnxzip.zipper  # noqa: F401
+    from onnxzip.runtime import default_providers
+
+    default_providers()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
+class Lease(threading.Thread):
+    """Renews the job's lease every heartbeat_s; notices cancel requests and lost leases, and ends the
+    process if the merge has not stopped `cancel_grace_s` after it was told to."""
+
+    def __init__(self, store: JobStore, job: Job, settings: Settings):
+        super().__init__(name=f"lease-{job.id[:8]}", daemon=True)
+        self.store, self.job_id, self.token, self.settings = store, job.id, job.lease_token, settings
+        self.done = threading.Event()
+        self.stop_since = None
+
+    def run(self) -> None:
+        while not self.done.wait(self.settings.heartbeat_s):
+            try:
+                state = self.store.renew(self.job_id, self.token, self.settings.lease_s)
+            except sqlite3.OperationalError as err:
+                log.warning("lease renewal failed: %s", err)
+                continue
+            if state != HELD:
+                self.stopping()
+            if self.stop_since is not None and time.monotonic() - self.stop_since > self.settings.cancel_grace_s:
+                log.warning("job %s did not stop within %.1fs of losing its lease; exiting", self.job_id,
+                            self.settings.cancel_grace_s)
+                os._exit(EXIT_STUCK)
+
+    def stopping(self) -> None:
+        if self.stop_since is None:
+            self.stop_since = time.monotonic()
+
+    def should_cancel(self) -> bool:
+        if self.stop_since is None and self.store.lease_state(self.job_id, self.token) in (CANCEL, LOST):
+            self.stopping()
+        return self.stop_since is not None
+
+
+def run_job(job: Job, store: JobStore, artifacts: ArtifactStore, settings: Settings) -> bool:
+    """Run one claimed job to its end; returns False when this process should be replaced."""
+    token = job.lease_token
+    lease = Lease(store, job, settings)
+    lease.start()
+    names = {i["stored"]: i["name"] for i in job.inputs}
+    models = [str(artifacts.input_path(job.id, i["stored"])) for i in job.inputs if i["role"] == "model"]
+    calibration = next(str(artifacts.input_path(job.id, i["stored"])) for i in job.inputs
+                       if i["role"] == "calibration")
+
+    def progress(stage: str, fraction: float, message: str) -> None:
+        low, high = STAGES.get(stage, (0.0, 0.0))
+        if not store.progress(job.id, token, stage, low + (high - low) * fraction, message):
+            lease.stopping()
+
+    try:
+        import onnxzip
+        from onnxzip.html_report import render
+
+        model, report = onnxzip.merge(models, calibration, job.options, progress=progress,
+                                      should_cancel=lease.should_cancel)
+        if lease.should_cancel():
+            raise CancelledError("the merge was cancelled")
+        progress("artifacts", 0.0, "writing merged.onnx, report.json, report.html")
+        work = artifacts.work_dir(job.id, token)
+        files = [artifacts.write(work, "merged.onnx", model.SerializeToString()),
+                 artifacts.write(work, "report.json", json.dumps(report, indent=2).encode()),
+                 artifacts.write(work, "report.html", render(report).encode())]
+        store.finish(job.id, token, SUCCEEDED, artifacts=files, publish=lambda: artifacts.publish(job.id, token))
+        return True
+    except CancelledError:
+        store.finish(job.id, token, CANCELLED)
+        return False
+    except OnnxZipError as err:
+        store.finish(job.id, token, FAILED, error=(err.code, rename(str(err), names)))
+        return True
+    except Exception as err:  # a bug in onnxzip or here: fail the job, keep the service up
+        log.error("job %s failed unexpectedly:\n%s", job.id, traceback.format_exc())
+        store.finish(job.id, token, FAILED, error=(
+            "internal_error", f"onnxzip failed unexpectedly ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
+                              "this is a bug: please report it with the job id and the service log"))
+        return False
+    finally:
+        lease.done.set()
+        artifacts.discard_work(job.id, token)
+
+
+def run_worker() -> None:
+    """`onnxzip worker`: run settings.workers merge processes on the configured store, without the API."""
+    from .workers import WorkerPool
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    store = open_store(settings)
+    pool = WorkerPool(settings, store, ArtifactStore(settings.data_dir), count=max(1, settings.workers))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    pool.start()
+    log.info("worker pool of %d on %s; stop with Ctrl-C", pool.count, settings.data_dir)
+    stop.wait()
+    pool.stop()
