@@ -165,7 +165,8 @@ class Info(BaseModel):
         "providers": ["CPUExecutionProvider"],
         "available_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda_usable": False,
         "opsets": {"emitted": "the inputs' opset, kept", "accepted": [11, 23]},
-        "limits": {"max_upload_bytes": 2147483648}, "workers": 2}]})
+        "limits": {"max_upload_bytes": 2147483648}, "workers": 2,
+        "worker_threads": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}]})
 
     versions: dict[str, str]
     providers: list[str] = Field(description="The onnxruntime execution providers merges run on.")
@@ -175,3 +176,5 @@ class Info(BaseModel):
     opsets: dict
     limits: dict[str, Union[int, float]]
     workers: int
+    worker_threads: dict[str, str] = Field(description="Thread variables the worker processes run with "
+                                                      "(merged weights can differ in the last bits with them).")

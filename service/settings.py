@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         2, ge=0, le=64,
         description="Merge worker processes this service starts; 0 runs the API only, and jobs wait "
         "for `onnxzip worker`. One merge keeps about one CPU core (or the GPU) busy.")
+    worker_threads: Optional[int] = Field(
+        None, ge=1,
+        description="BLAS/OpenMP threads per worker process; default: CPU cores / workers, because "
+        "oversubscribed OpenBLAS threads spin and slow every merge several-fold.")
     max_upload_bytes: int = Field(
         2 * GiB, ge=1, description="Largest request body, counted while it streams in.")
     max_model_bytes: int = Field(

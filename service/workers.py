@@ -22,6 +22,9 @@ from .worker import worker_main
 
 log = logging.getLogger("onnxzip.workers")
 
+# Read by numpy's BLAS and OpenMP when a worker imports them; workers inherit them from this process.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
 TICK_S = 0.25
 TERMINATE_WAIT_S = 2.0  # after SIGTERM, before SIGKILL
 ORPHAN_AGE_S = 3600.0  # folders without a record older than this are leftovers of a crash
@@ -33,6 +36,7 @@ class WorkerPool:
     def __init__(self, settings: Settings, store: JobStore, artifacts: ArtifactStore, count: Optional[int] = None):
         self.settings, self.store, self.artifacts = settings, store, artifacts
         self.count = settings.workers if count is None else count
+        self.threads = settings.worker_threads or max(1, _cores() // max(1, self.count))
         self.context = multiprocessing.get_context("spawn")  # CUDA does not survive fork
         self.processes: list = []
         self.cancel_seen: dict[str, float] = {}
@@ -43,6 +47,8 @@ class WorkerPool:
     # --- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        for name in THREAD_VARIABLES:  # a value the operator set in the environment wins
+            os.environ.setdefault(name, str(self.threads))
         self._reap_lost(time.time())  # jobs that were running when a previous server died
         self.processes = [self._spawn() for _ in range(self.count)]
         self.thread.start()
@@ -61,6 +67,10 @@ class WorkerPool:
             if job.worker_host == HOST and job.worker_pid in pids:
                 self.store.release(job.id, job.lease_token, "the service shut down while the job ran")
                 self.artifacts.discard_work(job.id, job.lease_token)
+
+    def thread_settings(self) -> dict[str, str]:
+        """The thread variables worker processes run with."""
+        return {name: os.environ.get(name, str(self.threads)) for name in THREAD_VARIABLES}
 
     def alive(self) -> int:
         return sum(p.is_alive() for p in self.processes)
@@ -151,6 +161,12 @@ class WorkerPool:
                 self.artifacts.remove(job_id)
                 log.info("job %s expired (retention %g h) and was deleted", job_id, self.settings.retention_hours)
         self.artifacts.sweep_orphans(lambda name: self.store.get(name) is not None, ORPHAN_AGE_S)
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _reap(process) -> None:

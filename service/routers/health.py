@@ -56,7 +56,7 @@ async def info(settings: SettingsDep, pool: PoolDep) -> Info:
         opsets={"emitted": "the inputs' opset, kept", "accepted": [MIN_OPSET, MAX_OPSET]},
         limits={"max_upload_bytes": settings.max_upload_bytes, "max_model_bytes": settings.max_model_bytes,
                 "max_calibration_bytes": settings.max_calibration_bytes, "job_timeout_s": settings.job_timeout_s},
-        workers=pool.count)
+        workers=pool.count, worker_threads=pool.thread_settings())
 
 
 def _runtime() -> dict:
