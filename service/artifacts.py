@@ -63,7 +63,7 @@ class ArtifactStore:
 
     def work_dir(self, job_id: str, token: str) -> Path:
         folder = self.job_dir(job_id) / f"work-{token}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)  # no parents: a deleted job's folder is not brought back
         return folder
 
     def write(self, folder: Path, name: str, data: bytes) -> dict:

@@ -55,6 +55,8 @@ def _validation_message(exc: RequestValidationError) -> str:
         help_text = FIELD_HELP.get(name)
         return (f"field '{name}' is missing: send {help_text}" if help_text
                 else f"'{where}' is missing")
+    if "UploadFile" in str(first.get("msg", "")):
+        return f"field '{name}' must be a file upload, not text: send {FIELD_HELP.get(name, 'a file')}"
     text = f"'{where}': {first.get('msg', 'is invalid')}"
     if name in FIELD_HELP:
         text += f"; send {FIELD_HELP[name]}"

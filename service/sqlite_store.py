@@ -131,6 +131,7 @@ class SqliteJobStore:
     # --- the API ------------------------------------------------------------------------------------
 
     def create(self, job: Job) -> tuple[Job, bool]:
+        # created_at is taken under the write lock, so it orders jobs as seq (and the list) does
         with self._write() as c:
             if job.idempotency_key is not None:
                 row = c.execute("SELECT * FROM jobs WHERE idempotency_key=?", (job.idempotency_key,)).fetchone()
@@ -139,7 +140,7 @@ class SqliteJobStore:
             c.execute(
                 "INSERT INTO jobs (id, status, stage, message, created_at, max_attempts, options, inputs, "
                 "idempotency_key, payload_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (job.id, QUEUED, "queued", "waiting for a worker", job.created_at, job.max_attempts,
+                (job.id, QUEUED, "queued", "waiting for a worker", time.time(), job.max_attempts,
                  json.dumps(job.options), json.dumps(job.inputs), job.idempotency_key, job.payload_hash))
             self._event(c, job.id, "status", QUEUED, "queued", 0.0, "waiting for a worker")
         return self.get(job.id), True

@@ -149,6 +149,9 @@ def run_job(job: Job, store: JobStore, artifacts: ArtifactStore, settings: Setti
         store.finish(job.id, token, FAILED, error=(err.code, rename(str(err), names)))
         return True
     except Exception as err:  # a bug in onnxzip or here: fail the job, keep the service up
+        if lease.should_cancel():  # the job was cancelled or deleted under us: nothing to report
+            store.finish(job.id, token, CANCELLED)
+            return False
         log.error("job %s failed unexpectedly:\n%s", job.id, traceback.format_exc())
         store.finish(job.id, token, FAILED, error=(
             "internal_error", f"onnxzip failed unexpectedly ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
