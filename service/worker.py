@@ -26,13 +26,14 @@ from .uploads import rename
 
 log = logging.getLogger("onnxzip.worker")
 
-IDLE_POLL_S = 0.1  # how soon an idle worker sees a new job
+IDLE_POLL_S = 0.05  # how soon an idle worker sees a new job (one indexed read per poll)
 PARENT_CHECK_S = 0.5  # how soon a worker notices its parent died
 EXIT_ORPHANED, EXIT_STUCK = 3, 4
 
 # The engine's stages and the share of the whole job each takes (for one overall progress fraction).
+# A stage the table does not know keeps the fraction where it was; the fraction never goes back.
 STAGES = {"starting": (0.0, 0.0), "load": (0.0, 0.05), "canonicalize": (0.05, 0.15), "merge": (0.15, 0.85),
-          "emit": (0.85, 0.9), "report": (0.9, 0.95), "artifacts": (0.95, 1.0)}
+          "emit": (0.85, 0.9), "report": (0.9, 0.95), "curve": (0.9, 0.95), "artifacts": (0.95, 1.0)}
 
 
 def worker_main(settings: Settings, parent_pid: int) -> None:
@@ -122,9 +123,12 @@ def run_job(job: Job, store: JobStore, artifacts: ArtifactStore, settings: Setti
     calibration = next(str(artifacts.input_path(job.id, i["stored"])) for i in job.inputs
                        if i["role"] == "calibration")
 
+    done = [0.0]
+
     def progress(stage: str, fraction: float, message: str) -> None:
-        low, high = STAGES.get(stage, (0.0, 0.0))
-        if not store.progress(job.id, token, stage, low + (high - low) * fraction, message):
+        low, high = STAGES.get(stage, (done[0], done[0]))
+        done[0] = max(done[0], low + (high - low) * fraction)
+        if not store.progress(job.id, token, stage, done[0], message):
             lease.stopping()
 
     try:
@@ -153,9 +157,10 @@ def run_job(job: Job, store: JobStore, artifacts: ArtifactStore, settings: Setti
             store.finish(job.id, token, CANCELLED)
             return False
         log.error("job %s failed unexpectedly:\n%s", job.id, traceback.format_exc())
+        detail = " ".join(str(err).split())[:300]
         store.finish(job.id, token, FAILED, error=(
-            "internal_error", f"onnxzip failed unexpectedly ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
-                              "this is a bug: please report it with the job id and the service log"))
+            "internal_error", f"onnxzip failed unexpectedly ({type(err).__name__}: {detail}); this is a bug: "
+                              "please report it with the job id and the service log"))
         return False
     finally:
         lease.done.set()

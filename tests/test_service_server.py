@@ -345,3 +345,21 @@ def test_finished_jobs_expire_after_the_retention_time(tmp_path_factory):
             assert_error(c.get(done["artifacts"][0]["url"]), 404, "not_found")
     finally:
         server.stop()
+
+
+def test_a_job_over_the_time_limit_fails_with_timeout_and_its_worker_is_replaced(tmp_path_factory):
+    """job_timeout_s = 1.5 against a merge of several seconds: `failed` with code `timeout` naming the
+    setting, the worker process that ran it is gone, and a fresh one takes the next job."""
+    server = start_server(tmp_path_factory, "timeout", workers=1, job_timeout_s=1.5)
+    try:
+        with server.client() as c:
+            job = submit(c, calibration=long_calibration(), options='{"batch_size": 1}').json()
+            running = wait_until(lambda: (j := c.get(f"/v1/merges/{job['id']}").json())["status"] == "running"
+                                 and j, 60, what="the job to run")
+            done = wait_job(c, job["id"], timeout=15)
+            assert done["status"] == "failed", done
+            assert done["error"]["code"] == "timeout" and "ONNXZIP_JOB_TIMEOUT_S" in done["error"]["message"]
+            wait_until(lambda: not pid_alive(running["worker_pid"]), 5, what="the timed-out worker to exit")
+            wait_until(lambda: len(worker_pids(server.proc.pid)) == 1, 30, what="a fresh worker")
+    finally:
+        server.stop()

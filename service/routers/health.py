@@ -53,7 +53,8 @@ async def info(settings: SettingsDep, pool: PoolDep) -> Info:
                   "python": platform.python_version()},
         providers=runtime["providers"], available_providers=runtime["available_providers"],
         cuda_usable=runtime["cuda_usable"],
-        opsets={"emitted": "the inputs' opset, kept", "accepted": [MIN_OPSET, MAX_OPSET]},
+        opsets={"emitted": "the inputs' opset, kept", "accepted": [MIN_OPSET, MAX_OPSET],
+                "on_request": "options.target_opset converts the merged model (checked to compute the same outputs)"},
         limits={"max_upload_bytes": settings.max_upload_bytes, "max_model_bytes": settings.max_model_bytes,
                 "max_calibration_bytes": settings.max_calibration_bytes, "job_timeout_s": settings.job_timeout_s},
         workers=pool.count, worker_threads=pool.thread_settings())

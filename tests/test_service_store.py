@@ -1,0 +1,116 @@
+"""The job store's promises, checked on a real SQLite file: leases fence stale workers out, attempts are
+counted and capped, event ids only grow, idempotency keys are unique, pages never repeat a job."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from service.sqlite_store import SqliteJobStore
+from service.store import CANCEL, CANCELLED, FAILED, HELD, LOST, QUEUED, RUNNING, SUCCEEDED, Job
+
+
+@pytest.fixture
+def store(tmp_path) -> SqliteJobStore:
+    return SqliteJobStore(tmp_path / "jobs.db")
+
+
+def new_job(store, key=None, digest="h", max_attempts=3) -> Job:
+    job = Job(id=uuid.uuid4().hex, status=QUEUED, created_at=time.time(), options={}, inputs=[],
+              max_attempts=max_attempts, idempotency_key=key, payload_hash=digest)
+    return store.create(job)[0]
+
+
+def test_a_stale_lease_can_write_nothing_after_the_job_is_claimed_again(store):
+    """Worker 1's attempt is declared lost and the job re-claimed by worker 2: every write with worker 1's
+    token (progress, renew, finish, publish) is refused and changes nothing."""
+    job = new_job(store)
+    first = store.claim(pid=101, host="h", lease_s=60)
+    assert first.id == job.id and first.status == RUNNING and first.attempts == 1
+    assert store.requeue_lost(job.id, first.lease_token, "worker 101 is gone") == QUEUED
+    second = store.claim(pid=102, host="h", lease_s=60)
+    assert second.attempts == 2 and second.lease_token != first.lease_token
+    published = []
+    assert store.progress(job.id, first.lease_token, "merge", 0.5, "stale") is False
+    assert store.renew(job.id, first.lease_token, 60) == LOST
+    assert store.lease_state(job.id, first.lease_token) == LOST
+    assert store.finish(job.id, first.lease_token, SUCCEEDED, artifacts=[{"name": "merged.onnx"}],
+                        publish=lambda: published.append(1)) is False
+    assert published == []
+    assert store.get(job.id).status == RUNNING and store.get(job.id).worker_pid == 102
+    assert store.progress(job.id, second.lease_token, "merge", 0.5, "fresh") is True
+    assert store.finish(job.id, second.lease_token, SUCCEEDED, artifacts=[],
+                        publish=lambda: published.append(2)) is True
+    assert published == [2]
+    done = store.get(job.id)
+    assert done.status == SUCCEEDED and done.lease_token is None and done.progress == 1.0
+
+
+def test_attempts_are_capped_by_max_attempts(store):
+    """A job whose worker is lost on every attempt fails with `worker_lost` after max_attempts."""
+    job = new_job(store, max_attempts=2)
+    for attempt in (1, 2):
+        claimed = store.claim(pid=100 + attempt, host="h", lease_s=60)
+        assert claimed.attempts == attempt
+        status = store.requeue_lost(job.id, claimed.lease_token, "killed")
+    assert status == FAILED
+    failed = store.get(job.id)
+    assert failed.error_code == "worker_lost" and "2 attempts" in failed.error_message
+    assert store.claim(pid=200, host="h", lease_s=60) is None
+
+
+def test_release_on_shutdown_does_not_spend_an_attempt(store):
+    job = new_job(store)
+    claimed = store.claim(pid=1, host="h", lease_s=60)
+    assert store.release(job.id, claimed.lease_token, "shutdown") is True
+    assert store.get(job.id).attempts == 0 and store.get(job.id).status == QUEUED
+
+
+def test_cancel_is_immediate_when_queued_and_a_flag_when_running(store):
+    queued, running = new_job(store), new_job(store)
+    claimed = store.claim(pid=1, host="h", lease_s=60)
+    assert claimed.id == queued.id  # first in, first out
+    claimed_running = store.claim(pid=2, host="h", lease_s=60)
+    assert claimed_running.id == running.id
+    store.request_cancel(queued.id)
+    assert store.renew(queued.id, claimed.lease_token, 60) == CANCEL
+    assert store.get(queued.id).status == RUNNING  # the worker ends it
+    assert store.finish(queued.id, claimed.lease_token, CANCELLED) is True
+    assert store.get(queued.id).error_code == "cancelled"
+    waiting = new_job(store)
+    assert store.request_cancel(waiting.id).status == CANCELLED
+    assert store.renew(running.id, claimed_running.lease_token, 60) == HELD
+
+
+def test_event_ids_grow_and_resume_after_any_id(store):
+    job = new_job(store)
+    claimed = store.claim(pid=1, host="h", lease_s=60)
+    for i in range(5):
+        store.progress(job.id, claimed.lease_token, "merge", i / 5, f"step {i}")
+    events = store.events(job.id, 0, 100)
+    ids = [e.id for e in events]
+    assert ids == sorted(set(ids)) and len(ids) == 7  # queued, running, 5 progress
+    assert [e.id for e in store.events(job.id, ids[3], 100)] == ids[4:]
+    store.delete(job.id)
+    assert store.events(job.id, 0, 100) == []
+
+
+def test_an_idempotency_key_belongs_to_one_job(store):
+    first = new_job(store, key="k1", digest="a")
+    again, created = store.create(Job(id=uuid.uuid4().hex, status=QUEUED, created_at=0, options={}, inputs=[],
+                                      max_attempts=3, idempotency_key="k1", payload_hash="b"))
+    assert created is False and again.id == first.id and again.payload_hash == "a"
+
+
+def test_pages_are_newest_first_and_never_repeat(store):
+    ids = [new_job(store).id for _ in range(11)]
+    seen, before = [], None
+    while True:
+        page = store.page(4, before, None)
+        if not page:
+            break
+        seen += [j.id for j in page]
+        before = page[-1].seq
+    assert seen == ids[::-1]
