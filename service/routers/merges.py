@@ -195,10 +195,10 @@ async def _event_stream(request: Request, store, job_id: str, after: int):
         await asyncio.sleep(SSE_POLL_S)
 
 
-@router.get("/{job_id}/artifacts/{name}", responses={**_ERRORS, 200: {"content": {
+@router.api_route("/{job_id}/artifacts/{name}", methods=["GET", "HEAD"], responses={**_ERRORS, 200: {"content": {
     "application/octet-stream": {}, "application/json": {}, "text/html": {}}}, 304: {"description": "Not modified"}},
     response_class=FileResponse, summary="Download merged.onnx, report.json or report.html",
-    description="ETag is the file's sha256; If-None-Match with it answers 304.")
+    description="ETag is the file's sha256; If-None-Match with it answers 304; HEAD gives the headers only.")
 def get_artifact(job_id: str, name: str, store: StoreDep, artifacts: ArtifactsDep,
                  if_none_match: Annotated[Optional[str], Header(alias="If-None-Match")] = None):
     job = _job_or_404(store, job_id)
