@@ -8,8 +8,10 @@ from typing import Optional
 import uvicorn
 from anyio import to_thread
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 import onnxzip
+from onnxzip.errors import OnnxZipError
 
 from . import errors
 from .artifacts import ArtifactStore
@@ -48,9 +50,20 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     return app
 
 
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with a one-line error naming the variable when one is wrong."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = "ONNXZIP_" + "_".join(str(p) for p in first["loc"]).upper() if first["loc"] else "ONNXZIP_* settings"
+        message = first["msg"].removeprefix("Value error, ")
+        raise OnnxZipError(f"{name}: {message} (see the settings table in the README)") from err
+
+
 def serve(host: Optional[str] = None, port: Optional[int] = None, data_dir: Optional[str] = None) -> None:
     """`onnxzip serve`: flags override ONNXZIP_* environment variables, which override the defaults."""
     overrides = {k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=10)

@@ -108,7 +108,7 @@ class JobPublic(BaseModel):
             attempts=job.attempts, max_attempts=job.max_attempts, worker_pid=job.worker_pid,
             cancel_requested=job.cancel_requested_at is not None,
             inputs=[InputPublic(**{k: i[k] for k in ("role", "name", "size", "sha256")}) for i in job.inputs],
-            options=MergeOptions(**job.options),
+            options=MergeOptions.model_construct(**job.options),  # as stored, even if the schema moved on
             error=ErrorDetail(code=job.error_code, message=job.error_message or "") if job.error_code else None,
             artifacts=[ArtifactPublic(**a, media_type=MEDIA_TYPES[a["name"]],
                                       url=f"/v1/merges/{job.id}/artifacts/{a['name']}") for a in job.artifacts])

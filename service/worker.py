@@ -169,10 +169,11 @@ def run_job(job: Job, store: JobStore, artifacts: ArtifactStore, settings: Setti
 
 def run_worker() -> None:
     """`onnxzip worker`: run settings.workers merge processes on the configured store, without the API."""
+    from .main import load_settings
     from .workers import WorkerPool
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    settings = load_settings()
     store = open_store(settings)
     pool = WorkerPool(settings, store, ArtifactStore(settings.data_dir), count=max(1, settings.workers))
     stop = threading.Event()
