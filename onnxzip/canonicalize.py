@@ -122,6 +122,7 @@ def canonicalize(model: onnx.ModelProto, label: str,
     opsets = list(model.opset_import)
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     graph = gs.import_onnx(inferred)
+    _castlike_to_cast(graph)
     graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
     _remove_identities(graph)
     shapes, fixed_batch = probe_shapes(graph, opsets, model.ir_version, probe, label)
@@ -168,6 +169,16 @@ def _constant(t) -> Optional[np.ndarray]:
 
 def _single_consumer(tensor: gs.Tensor, graph: gs.Graph) -> bool:
     return len(tensor.outputs) == 1 and tensor not in graph.outputs
+
+
+def _castlike_to_cast(graph: gs.Graph) -> None:
+    """CastLike(c, x) only reads x's type: as Cast(c, to=type of x) it folds when c is constant.
+    (PyTorch's dynamo exporter builds a missing Conv bias as Expand(CastLike(0, x), ...).)"""
+    for node in graph.nodes:
+        if node.op == "CastLike" and len(node.inputs) == 2 and node.inputs[1].dtype is not None:
+            node.op = "Cast"
+            node.attrs = {"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(node.inputs[1].dtype))}
+            set_inputs(node, node.inputs[:1])
 
 
 def _remove_identities(graph: gs.Graph) -> None:

@@ -37,6 +37,10 @@ class MergeOptions(BaseModel):
         True,
         description="Recover accuracy in closed form from the merged model's own activations and refit "
         "output layers; false applies the MTZ paper's formula exactly.")
+    activation_margin: Optional[float] = Field(
+        1.0, ge=0.0,
+        description="When calibrating, targets of a layer followed by ReLU/Clip are clamped to this many "
+        "standard deviations past the activation's flat edge (values it discards); null fits them exactly.")
     alpha: float = Field(
         0.5, gt=0.0, lt=1.0,
         description="Weight of task A's error against task B's (MTZ eq. 5); 0.5 treats them alike.")

@@ -10,11 +10,12 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import onnx
 import onnx.version_converter
+import onnx_graphsurgeon as gs
 
 from . import report as reporting
 from .align import Alignment, JointLayer, align
 from .canonicalize import CanonicalModel, Layer, canonicalize
-from .capture import Frontier
+from .capture import Frontier, segment_nodes
 from .channels import analyze
 from .emit import emit
 from .errors import (AlignmentError, CancelledError, InvalidCalibrationError, InvalidModelError, InvalidOptionsError,
@@ -420,6 +421,62 @@ def _changed(view, side: TaskSide, options: MergeOptions) -> bool:
     return any(len(view.owners[u]) > 1 for u in to_union) or (options.calibrate and not side.exact)
 
 
+@dataclass
+class FlatRange:
+    """The flat parts of the activation after a layer: below `lo` (ReLU, Clip) and above `hi` (Clip)."""
+
+    lo: np.ndarray  # per channel, already moved `margin` spreads past the activation's edge
+    hi: np.ndarray
+
+    def targets(self, y: np.ndarray, response: np.ndarray) -> np.ndarray:
+        """Where the original pre-activation lies deep in a flat range, ask only that the fit lands
+        there too: the original neuron's own response to the merged inputs if it already does, else
+        the range's edge. Nothing changes where the inputs are exact (the response equals y)."""
+        y = np.where(y < self.lo, np.minimum(response, self.lo), y)
+        return np.where(y > self.hi, np.maximum(response, self.hi), y)
+
+
+def flat_range(model: CanonicalModel, layer: Layer, y: np.ndarray, margin: float) -> Optional[FlatRange]:
+    """The ReLU/Clip (ReLU6) right after `layer`, if any, with per-channel margins."""
+    tensor = model.graph.tensors()[layer.output]
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op not in ("Relu", "Clip"):
+        return None
+    act = tensor.outputs[0]
+    lo, hi = 0.0, np.inf
+    if act.op == "Clip":
+        bounds = [t.values if isinstance(t, gs.Constant) and t.name else None for t in act.inputs[1:3]]
+        bounds += [None] * (2 - len(bounds))
+        lo = float(bounds[0]) if bounds[0] is not None else float(act.attrs.get("min", -np.inf))
+        hi = float(bounds[1]) if bounds[1] is not None else float(act.attrs.get("max", np.inf))
+    spread = y.std(axis=tuple(i for i in range(y.ndim) if i != 1))
+    return FlatRange(lo - margin * spread, hi + margin * spread)
+
+
+def _residual_target(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
+                     y: np.ndarray) -> np.ndarray:
+    """A layer that feeds a residual Add is fit to the ORIGINAL sum minus what the merged model
+    already adds there, so it also corrects the error arriving through the shortcut. Applies when
+    the other addends are already known in the merged model (no unprocessed layer on their path)."""
+    model = state.al.models[task]
+    tensor = model.graph.tensors()[layer.output]
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op not in ("Add", "Sum"):
+        return y
+    add = tensor.outputs[0]
+    others = [t.name for t in add.inputs if t.name != layer.output]
+    if not others or any(model.shapes.get(o) != model.shapes.get(layer.output) for o in others):
+        return y
+    layer_nodes = {id(l.node) for l in model.layers}
+    if any(id(n) in layer_nodes for n in segment_nodes(model.graph, set(merged.store), others)):
+        return y
+    (total,) = original.compute([add.outputs[0].name], lambda nodes: {})
+    added = merged.compute(others, lambda nodes: state.substitutions(task, nodes))
+    order = state.out_order(task, layer)  # view position -> original channel
+    target = total.astype(np.float64)
+    for part in added:
+        target[:, order] -= part  # merged tensors are in view order
+    return target.astype(y.dtype)
+
+
 def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
              options: MergeOptions, weight: float, others, targets: Optional[dict] = None) -> TaskSide:
     """Moments of the layer's inputs in the merged model (and cross moments with its original
@@ -435,6 +492,10 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
             if targets is not None:
                 targets[key] = y
     (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes))
+    if y is not None and options.calibrate:
+        y = _residual_target(state, original, merged, task, layer, y)
+    flat = (flat_range(state.al.models[task], layer, y, options.activation_margin)
+            if y is not None and options.activation_margin is not None else None)
     imap = state.in_map(task, layer)
     if layer.depthwise:
         # output channel c reads input channel c: both in view order, targets too
@@ -457,5 +518,17 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
     for start in range(0, len(x), options.batch_size):
         part = slice(start, start + options.batch_size)
         rows = layer_rows(layer, x[part])
-        moments.update(rows, output_rows(layer, y[part]) if options.calibrate else None)
+        y_rows = output_rows(layer, y[part]) if options.calibrate else None
+        if flat is not None:
+            lo_hi = (flat.lo[order], flat.hi[order]) if layer.depthwise else (flat.lo, flat.hi)
+            y_rows = FlatRange(*lo_hi).targets(y_rows, _response(layer, rows, w, b))
+        moments.update(rows, y_rows)
     return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)
+
+
+def _response(layer: Layer, rows: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The original neurons (weights `w` with input columns in view order) on these input rows."""
+    if layer.depthwise:
+        per_channel = rows.reshape(len(rows), len(w), -1)
+        return np.einsum("rck,ck->rc", per_channel, w.reshape(len(w), -1)) + b
+    return rows @ w.reshape(len(w), -1).T + b
