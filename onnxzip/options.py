@@ -67,6 +67,10 @@ class MergeOptions(BaseModel):
         None,
         description="onnxruntime execution providers; default: CUDA when it really loads, else CPU.")
     seed: int = Field(0, description="Seed for random pairing and the holdout split.")
+    device_hessians: Optional[bool] = Field(
+        None,
+        description="Accumulate layer Hessians inside onnxruntime (on the GPU with CUDA) instead of numpy; "
+        "default: on when the CUDA provider is used.")
     target_opset: Optional[int] = Field(
         None, ge=11, le=23,
         description="Write the merged model in this opset (e.g. 17 for TensorRT 8.5/8.6) instead of the "

@@ -20,6 +20,7 @@ from .channels import analyze
 from .emit import emit
 from .errors import (AlignmentError, CancelledError, InvalidCalibrationError, InvalidModelError, InvalidOptionsError,
                      UnsupportedGraphError)
+from .devicegram import DeviceMoments
 from .hessian import ChannelMoments, Moments, layer_rows, output_rows
 from .layerzip import TaskSide, ZipResult, task_only, zip_layer
 from .tied import TiedStats
@@ -510,11 +511,18 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
                      and o.layer.weight.shape[1:] == layer.weight.shape[1:]
                      and o.layer.node.attrs == layer.node.attrs and o.inputs is not None
                      and o.inputs.shape == x.shape and np.array_equal(o.inputs, x)), None)
-        moments = Moments(dim, layer.width if options.calibrate else None,
-                          gram=twin.moments.gram if twin is not None else None)
         w, b = layer.weight, layer.bias
         if imap is not None:
             w = w[:, imap.perm]
+        shared_gram = twin.moments.gram if twin is not None else None
+        if _device_hessians(options, merged.providers):
+            moments = DeviceMoments(layer, options.calibrate, merged.providers, shared_gram,
+                                    (w, b, flat.lo, flat.hi) if flat is not None else None)
+            for start in range(0, len(x), options.batch_size):
+                part = slice(start, start + options.batch_size)
+                moments.update_batch(x[part], y[part] if options.calibrate else None)
+            return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)
+        moments = Moments(dim, layer.width if options.calibrate else None, gram=shared_gram)
     for start in range(0, len(x), options.batch_size):
         part = slice(start, start + options.batch_size)
         rows = layer_rows(layer, x[part])
@@ -524,6 +532,12 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
             y_rows = FlatRange(*lo_hi).targets(y_rows, _response(layer, rows, w, b))
         moments.update(rows, y_rows)
     return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)
+
+
+def _device_hessians(options: MergeOptions, providers) -> bool:
+    if options.device_hessians is not None:
+        return options.device_hessians
+    return "CUDAExecutionProvider" in providers
 
 
 def _response(layer: Layer, rows: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -104,3 +104,33 @@ def test_canonical_form_folds_batchnorm_and_matmul_add_exactly():
     assert ops == ["Conv", "Relu", "Flatten", "Gemm"]
     assert [l.kind for l in canon.layers] == ["conv", "linear"]
     np.testing.assert_allclose(run(canon.to_onnx(), {"x": x})["y"], run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_device_side_hessians_equal_the_numpy_ones():
+    """The ONNX graph that builds X^T X and X^T Y inside onnxruntime (the GPU path) agrees with numpy."""
+    from conftest import case
+    from onnxzip.devicegram import DeviceMoments
+    from onnxzip.hessian import layer_rows, output_rows
+
+    rng = np.random.default_rng(6)
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    x = f(5, 4, 9, 7)
+    model = _conv_model(f(6, 4, 3, 3), f(6), [2, 1], [1, 1, 0, 1], [1, 1], ["N", 4, 9, 7])
+    canon = canonicalize(model, "conv", {"x": x[:2]})
+    layer = canon.layers[0]
+    y = run(model, {"x": x})["y"]
+    host, device = Moments(36, 6), DeviceMoments(layer, True, ["CPUExecutionProvider"])
+    for part in (slice(0, 2), slice(2, 5)):
+        host.update(layer_rows(layer, x[part]), output_rows(layer, y[part]))
+        device.update_batch(x[part], y[part])
+    assert device.rows == host.rows
+    np.testing.assert_allclose(device.gram, host.gram, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(device.cross, host.cross, rtol=1e-4, atol=1e-3)
+    import onnxzip
+    d = case("cnn_perm_legacy")
+    merged, _ = onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"),
+                              {"device_hessians": True})
+    test = dict(np.load(d / "test.npz"))
+    ref = run(d / "a.onnx", test)["logits"]
+    got = run(merged, test)["b/logits"]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-3

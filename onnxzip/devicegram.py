@@ -1,0 +1,136 @@
+"""Layer Hessians computed where the activations are: a small ONNX graph per layer that turns a batch
+of inputs into X^T X (and X^T Y) inside onnxruntime, so on a GPU only the (d x d) matrices cross to
+the host, not the im2col patches.
+
+im2col is itself a convolution: a grouped Conv whose C*k*k one-hot filters copy each patch element
+to its own output channel, in the (channel, row, column) order of W.reshape(out, -1). The products
+are Gemm with transA=1 (no transpose materialized); sums of columns supply the bias row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .canonicalize import Layer
+from .runtime import make_session
+
+
+def _one_hot_filters(channels: int, kernel: tuple[int, int]) -> np.ndarray:
+    kh, kw = kernel
+    kk = kh * kw
+    filters = np.zeros((channels * kk, 1, kh, kw), np.float32)
+    for c in range(channels):
+        for p in range(kk):
+            filters[c * kk + p, 0, p // kw, p % kw] = 1.0
+    return filters
+
+
+def gram_model(layer: Layer, targets: bool, flat=None, opset: int = 13) -> onnx.ModelProto:
+    """x [, y] -> rows, sums of x, X^T X [, sums of y, X^T Y], with X the layer's input rows.
+
+    `flat` = (w, b, lo, hi): adjust the targets for a following ReLU/Clip as FlatRange.targets does,
+    with the original neurons' response computed on the device too.
+    """
+    d = int(np.prod(layer.weight.shape[1:]))
+    nodes, inits = [], []
+    if layer.kind == "conv":
+        attrs = layer.node.attrs
+        channels = int(layer.weight.shape[1])
+        inits.append(numpy_helper.from_array(_one_hot_filters(channels, layer.kernel), "onehot"))
+        nodes += [helper.make_node("Conv", ["x", "onehot"], ["patches"], group=channels,
+                                   kernel_shape=list(layer.kernel), strides=list(attrs["strides"]),
+                                   pads=list(attrs["pads"]), dilations=list(attrs["dilations"])),
+                  helper.make_node("Transpose", ["patches"], ["nhwc"], perm=[0, 2, 3, 1])]
+        rows_of = "nhwc"
+    else:
+        rows_of = "x"
+    inits.append(numpy_helper.from_array(np.array([-1, d], np.int64), "shape_x"))
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    nodes += [helper.make_node("Reshape", [rows_of, "shape_x"], ["X"]),
+              helper.make_node("Gemm", ["X", "X"], ["xtx"], transA=1),
+              helper.make_node("ReduceSum", ["X", "axis0"], ["xsum"], keepdims=0),
+              helper.make_node("Shape", ["X"], ["xshape"]),
+              helper.make_node("Gather", ["xshape", "axis0"], ["rows"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("xtx", "xsum")]
+    outputs.append(helper.make_tensor_value_info("rows", TensorProto.INT64, None))
+    if targets:
+        inits.append(numpy_helper.from_array(np.array([-1, layer.width], np.int64), "shape_y"))
+        y_rows = "y"
+        if flat is not None:
+            nodes += _flat_range_nodes(layer, *flat, inits)
+            y_rows = "y_flat"
+        if layer.kind == "conv":
+            nodes.append(helper.make_node("Transpose", [y_rows], ["y_nhwc"], perm=[0, 2, 3, 1]))
+            y_rows = "y_nhwc"
+        nodes += [helper.make_node("Reshape", [y_rows, "shape_y"], ["Y"]),
+                  helper.make_node("Gemm", ["X", "Y"], ["xty"], transA=1),
+                  helper.make_node("ReduceSum", ["Y", "axis0"], ["ysum"], keepdims=0)]
+        inputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("xty", "ysum")]
+    graph = helper.make_graph(nodes, "gram", inputs, outputs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def _flat_range_nodes(layer: Layer, w: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray, inits):
+    """y -> y_flat: where y is deep in the activation's flat range, the original neuron's response
+    if it lands there too, else the range's edge."""
+    big = np.finfo(np.float32).max
+    shape = (1, len(b), 1, 1) if layer.kind == "conv" else (1, len(b))
+    for name, values in (("lo", lo), ("hi", hi)):
+        inits.append(numpy_helper.from_array(np.clip(values, -big, big).astype(np.float32).reshape(shape), name))
+    inits += [numpy_helper.from_array(w.astype(np.float32), "w_orig"),
+              numpy_helper.from_array(b.astype(np.float32), "b_orig")]
+    if layer.kind == "conv":
+        attrs = layer.node.attrs
+        response = helper.make_node("Conv", ["x", "w_orig", "b_orig"], ["resp"], kernel_shape=list(layer.kernel),
+                                    strides=list(attrs["strides"]), pads=list(attrs["pads"]),
+                                    dilations=list(attrs["dilations"]))
+    else:
+        response = helper.make_node("Gemm", ["x", "w_orig", "b_orig"], ["resp"], transB=1)
+    return [response,
+            helper.make_node("Less", ["y", "lo"], ["below"]),
+            helper.make_node("Min", ["resp", "lo"], ["resp_lo"]),
+            helper.make_node("Where", ["below", "resp_lo", "y"], ["y_lo"]),
+            helper.make_node("Greater", ["y_lo", "hi"], ["above"]),
+            helper.make_node("Max", ["resp", "hi"], ["resp_hi"]),
+            helper.make_node("Where", ["above", "resp_hi", "y_lo"], ["y_flat"])]
+
+
+class DeviceMoments:
+    """Moments with the same interface as hessian.Moments, accumulated by onnxruntime on its device."""
+
+    def __init__(self, layer: Layer, targets: bool, providers, gram: Optional[np.ndarray] = None, flat=None):
+        d = int(np.prod(layer.weight.shape[1:]))
+        self.session = make_session(gram_model(layer, targets, flat), providers)
+        self.gram = np.zeros((d + 1, d + 1)) if gram is None else gram
+        self.own_gram = gram is None
+        self.cross = np.zeros((d + 1, layer.width)) if targets else None
+        self.rows = 0
+
+    def update_batch(self, x: np.ndarray, y: Optional[np.ndarray] = None) -> None:
+        """x, y: a batch of the layer's input and output tensors (not rows)."""
+        feeds = {"x": np.ascontiguousarray(x, np.float32)}
+        if self.cross is not None:
+            feeds["y"] = np.ascontiguousarray(y, np.float32)
+        out = self.session.run(None, feeds)
+        xtx, xsum, rows = out[0], out[1], int(np.asarray(out[2]).reshape(-1)[0])
+        if self.own_gram:
+            self.gram[:-1, :-1] += xtx
+            self.gram[:-1, -1] += xsum
+            self.gram[-1, :-1] += xsum
+            self.gram[-1, -1] += rows
+        if self.cross is not None:
+            self.cross[:-1] += out[3]
+            self.cross[-1] += out[4]
+        self.rows += rows
+
+    def hessian(self, weight: float) -> np.ndarray:
+        return self.gram * (weight / max(self.rows, 1))
+
+    def cross_moment(self, weight: float) -> np.ndarray:
+        return self.cross * (weight / max(self.rows, 1))
