@@ -408,12 +408,25 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
                     state.modified[side.task].add(side.layer.index)
         for t, layer in layers.items():
             merged[t].compute([layer.output], lambda nodes, t=t: state.substitutions(t, nodes))
+            _share_identical(merged, layers, t, layer.output)
             remaining = al.models[t].layers[pos + 1:]
             merged[t].retain([l.input for l in remaining])
             original[t].retain([l.output for l in remaining] if options.calibrate else [])
         records.append(StepRecord(pos + 1, layers, joint, result, k))
         progress("merge", (pos + 1) / depth, f"layer {pos + 1}/{depth} done")
     return state, records
+
+
+def _share_identical(merged: dict[str, Frontier], layers: dict[str, Layer], task: str, name: str) -> None:
+    """In a shared trunk every task computes the very same tensor: keep one copy in memory."""
+    mine = merged[task].store[name]
+    for other, layer in layers.items():
+        if other == task:
+            break
+        theirs = merged[other].store.get(layer.output)
+        if theirs is not None and theirs.shape == mine.shape and np.array_equal(theirs, mine):
+            merged[task].store[name] = theirs
+            return
 
 
 def _changed(view, side: TaskSide, options: MergeOptions) -> bool:
