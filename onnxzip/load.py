@@ -33,9 +33,12 @@ class InputSpec:
     shape: tuple[Optional[int], ...]
 
 
-def load_model(path: str, *, allow_external_data: bool = True) -> onnx.ModelProto:
-    """Read an .onnx file and check it: parses, passes onnx.checker, opset onnxzip understands."""
-    label = os.path.basename(path)
+def load_model(path: str, *, allow_external_data: bool = True, label: Optional[str] = None) -> onnx.ModelProto:
+    """Read an .onnx file and check it: parses, passes onnx.checker, opset onnxzip understands.
+
+    `label` names the file in messages (default: its base name; the service passes the client's name).
+    """
+    label = label or os.path.basename(path)
     if not os.path.isfile(path):
         raise InvalidModelError(f"model file '{path}' does not exist: give the path of an .onnx file")
     try:
@@ -46,17 +49,16 @@ def load_model(path: str, *, allow_external_data: bool = True) -> onnx.ModelProt
             "re-export it or check the file was not truncated") from err
     if not model.graph.node:
         raise InvalidModelError(f"'{label}' holds no graph nodes: is it really an ONNX model?")
-    _load_external_data(model, path, allow_external_data)
+    _load_external_data(model, path, allow_external_data, label)
     check_model(model, label)
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, path: str, allowed: bool) -> None:
+def _load_external_data(model: onnx.ModelProto, path: str, allowed: bool, label: str) -> None:
     """Load external tensors, only from files inside the model's own folder."""
     external = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     if not external:
         return
-    label = os.path.basename(path)
     if not allowed:
         raise InvalidModelError(
             f"'{label}' keeps {len(external)} tensors in external data files, which are refused here: "
@@ -120,16 +122,16 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def load_calibration(path: str, specs: list[InputSpec], *, max_bytes: int = DEFAULT_MAX_CALIBRATION_BYTES,
-                     kind: str = "calibration") -> dict[str, np.ndarray]:
+                     kind: str = "calibration", label: Optional[str] = None) -> dict[str, np.ndarray]:
     """Read CALIB.npz safely (no pickles, sizes checked before loading) and match it to `specs`.
 
-    Returns one float array per graph input, all with the same number of samples. `kind` names the
-    file in messages ("calibration", "evaluation").
+    Returns one float array per graph input, all with the same number of samples. `kind` and `label`
+    name the file in messages ("calibration", "evaluation"; default label: the base name).
     """
-    label = os.path.basename(path)
+    label = label or os.path.basename(path)
     if not os.path.isfile(path):
         raise InvalidCalibrationError(f"{kind} file '{path}' does not exist: give an .npz file")
-    headers = read_npz_headers(path, max_bytes=max_bytes)
+    headers = read_npz_headers(path, max_bytes=max_bytes, label=label)
     keys = list(headers)
     if len(specs) == 1 and keys == ["arr_0"]:
         mapping = {specs[0].name: "arr_0"}
@@ -159,13 +161,14 @@ def load_calibration(path: str, specs: list[InputSpec], *, max_bytes: int = DEFA
     return arrays
 
 
-def read_npz_headers(path: str, *, max_bytes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def read_npz_headers(path: str, *, max_bytes: int,
+                     label: Optional[str] = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of every array in an .npz, read from the .npy headers without loading data.
 
     Refuses object arrays (pickles), declared sizes above `max_bytes`, and members whose stored size
     does not match their header (a zip bomb or a truncated file).
     """
-    label = os.path.basename(path)
+    label = label or os.path.basename(path)
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:

@@ -123,4 +123,10 @@ def parse_options(data: dict | None) -> MergeOptions:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "options"
-        raise InvalidOptionsError(f"option {where}: {first['msg']}") from err
+        if first["type"] == "extra_forbidden":
+            raise InvalidOptionsError(f"unknown option '{where}'; valid options: "
+                                      f"{', '.join(MergeOptions.model_fields)}") from err
+        message = first["msg"].removeprefix("Value error, ")
+        if where == "options" or not first["loc"]:
+            raise InvalidOptionsError(f"options: {message}") from err
+        raise InvalidOptionsError(f"option {where}: {message}") from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -72,6 +73,9 @@ def make_session(model: onnx.ModelProto | bytes | str, providers: Optional[Seque
     options.log_severity_level = _QUIET
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    threads = os.environ.get("ONNXZIP_ORT_THREADS")
+    if threads:  # several merges side by side (service workers) must not each use every core
+        options.intra_op_num_threads = int(threads)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, options, providers=providers,
                                 provider_options=provider_options(providers))

@@ -96,7 +96,7 @@ def prepare(models: Sequence[ModelSource], calibration, options: MergeOptions,
     tasks = options.task_names(len(models))
     progress("load", 0.0, "reading models")
     originals = {t: _load(m) for t, m in zip(tasks, models)}
-    specs = _input_specs(originals)
+    specs = input_specs_of(originals)
     warnings: list[str] = []
     if calibration is not None:
         progress("load", 0.5, "reading calibration data")
@@ -185,7 +185,7 @@ def _synthetic_probe(specs: list[InputSpec]) -> dict[str, np.ndarray]:
 
 
 def _evaluation(path: str, prepared: Prepared):
-    inputs = load_calibration(str(path), _input_specs(prepared.originals), kind="evaluation")
+    inputs = load_calibration(str(path), input_specs_of(prepared.originals), kind="evaluation")
     return inputs, load_labels(str(path), prepared.tasks, len(next(iter(inputs.values()))))
 
 
@@ -200,7 +200,7 @@ def _load(source: ModelSource) -> onnx.ModelProto:
     return load_model(str(source))
 
 
-def _input_specs(originals: dict[str, onnx.ModelProto]) -> list[InputSpec]:
+def input_specs_of(originals: dict[str, onnx.ModelProto]) -> list[InputSpec]:
     """The graph inputs of all models; an input name shared by models must mean the same input."""
     specs: dict[str, tuple[str, InputSpec]] = {}
     for task, model in originals.items():
