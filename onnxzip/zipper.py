@@ -462,8 +462,22 @@ def flat_range(model: CanonicalModel, layer: Layer, y: np.ndarray, margin: float
         bounds += [None] * (2 - len(bounds))
         lo = float(bounds[0]) if bounds[0] is not None else float(act.attrs.get("min", -np.inf))
         hi = float(bounds[1]) if bounds[1] is not None else float(act.attrs.get("max", np.inf))
-    spread = y.std(axis=tuple(i for i in range(y.ndim) if i != 1))
+    spread = _channel_std(y)
     return FlatRange(lo - margin * spread, hi + margin * spread)
+
+
+def _channel_std(y: np.ndarray, chunk: int = 16) -> np.ndarray:
+    """Per-channel standard deviation over samples and positions, a few samples at a time (no
+    full-size temporaries for big activations)."""
+    total = np.zeros(y.shape[1])
+    squares = np.zeros(y.shape[1])
+    axes = tuple(i for i in range(y.ndim) if i != 1)
+    for start in range(0, len(y), chunk):
+        part = y[start:start + chunk].astype(np.float64)
+        total += part.sum(axis=axes)
+        squares += np.square(part).sum(axis=axes)
+    count = y.size / y.shape[1]
+    return np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0))
 
 
 def _residual_target(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
@@ -485,10 +499,10 @@ def _residual_target(state: ZipState, original: Frontier, merged: Frontier, task
     (total,) = original.compute([add.outputs[0].name], lambda nodes: {})
     added = merged.compute(others, lambda nodes: state.substitutions(task, nodes))
     order = state.out_order(task, layer)  # view position -> original channel
-    target = total.astype(np.float64)
+    target = total.astype(y.dtype, copy=True)
     for part in added:
         target[:, order] -= part  # merged tensors are in view order
-    return target.astype(y.dtype)
+    return target
 
 
 def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
@@ -528,6 +542,8 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
         if imap is not None:
             w = w[:, imap.perm]
         shared_gram = twin.moments.gram if twin is not None else None
+        if twin is not None:  # one copy of the trunk's tensor in memory, not one per task
+            merged.store[layer.input] = x = twin.inputs
         if _device_hessians(options, merged.providers):
             moments = DeviceMoments(layer, options.calibrate, merged.providers, shared_gram,
                                     (w, b, flat.lo, flat.hi) if flat is not None else None)
