@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .canonicalize import CanonicalModel, Layer
-from .channels import ChannelGraph, Layout
+from .channels import ChannelGraph
 from .errors import AlignmentError
 
 

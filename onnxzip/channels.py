@@ -351,7 +351,7 @@ def _split(cg, node, carried, why) -> bool:
             _set(cg, node, lay, k)
         return True
     sizes = [(_shape(cg, o.name) or (None,) * rank)[axis] for o in node.outputs]
-    segments, start, out = list(lay.segments), 0, []
+    segments, out = list(lay.segments), []
     if lay.outer != 1 or None in sizes:
         return False
     for size in sizes:  # each output must take whole segments

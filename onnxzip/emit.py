@@ -45,7 +45,7 @@ def emit(state: ZipState) -> Emitted:
             layer_node_names[(task, layer.index)] = f"{task}/{layer.node.name}"
             layer_params[(task, layer.index)] = stored.get(layer.node.name, set())
     kept, rename, alias = _dedupe(nodes, dict((o.domain, o.version) for o in _opsets(al)))
-    outputs, value_infos = [], []
+    outputs = []
     for task in tasks:
         for out in al.models[task].to_onnx().graph.output:
             name = f"{task}/{out.name}"

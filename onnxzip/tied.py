@@ -15,7 +15,7 @@ import onnx
 
 from . import pairing
 from .align import Alignment, JointLayer
-from .runtime import make_session, run_batched
+from .runtime import make_session
 from .views import GroupView
 
 

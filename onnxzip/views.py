@@ -69,18 +69,6 @@ class GroupView:
         s = frozenset(owners)
         return cls.build([(s, {t: i for t in owners}) for i in range(width)], tasks)
 
-    @classmethod
-    def paired(cls, widths: dict[str, int], pairs: list[tuple[int, int]], task_a: str, task_b: str,
-               tasks: list[str]) -> "GroupView":
-        """Two tasks' channels, `pairs` (i in A, j in B) shared, ordered by A's index; the rest own."""
-        paired_a = {i for i, _ in pairs}
-        paired_b = {j for _, j in pairs}
-        both = frozenset([task_a, task_b])
-        channels = [(both, {task_a: i, task_b: j}) for i, j in sorted(pairs)]
-        channels += [(frozenset([task_a]), {task_a: i}) for i in range(widths[task_a]) if i not in paired_a]
-        channels += [(frozenset([task_b]), {task_b: j}) for j in range(widths[task_b]) if j not in paired_b]
-        return cls.build(channels, tasks)
-
 
 @dataclass
 class AxisMap:

@@ -179,7 +179,7 @@ def main(argv=None):
     print(f"\nat n = 256: per-pair loop / one product **{loop_ratio:.0f}x**; "
           f"per-pair as MTZ states it / one product **{at256['paper_loop_s'] / at256['vectorized_s']:.0f}x**")
 
-    merge_rows = [bench_merge_time(c, repeats) for c in ("mlp_legacy", "cnn_legacy")]
+    merge_rows = [bench_merge_time(c, repeats) for c in ("mlp_legacy", "cnn_legacy", "resnet_legacy")]
     results["merge_time"] = merge_rows
     print("\n### Merge wall time vs onnxruntime running both originals over the calibration data (512 samples)\n")
     print("| pair | merge (s) | ORT run (s) | ORT load+run (s) | merge / run | merge / (load+run) |")
@@ -188,7 +188,8 @@ def main(argv=None):
         print(f"| {r['case']} | {r['merge_s']:.3f} | {r['ort_run_s']:.4f} | {r['ort_load_run_s']:.4f} | "
               f"{r['ratio_vs_run']:.0f} | {r['ratio_vs_load_run']:.1f} |")
 
-    lat_rows = [bench_latency(c, b, 200 if b == 1 else 50) for c in ("mlp_legacy", "cnn_legacy") for b in (1, 64)]
+    lat_rows = [bench_latency(c, b, 200 if b == 1 else 50) for c in ("mlp_legacy", "cnn_legacy", "resnet_legacy")
+                for b in (1, 64)]
     results["latency"] = lat_rows
     print("\n### Both tasks: merged model (full share) vs the two originals one after the other (1 thread)\n")
     print("| pair | batch | originals (ms) | merged (ms) | speedup | MACs ratio | file size ratio |")
@@ -197,7 +198,8 @@ def main(argv=None):
         print(f"| {r['case']} | {r['batch']} | {r['separate_ms']:.3f} | {r['merged_ms']:.3f} | "
               f"{r['speedup']:.2f}x | {r['macs_ratio']:.2f} | {r['size_ratio']:.2f} |")
 
-    quality = [bench_quality(c) for c in ("mlp_legacy", "cnn_legacy", "mlp_skl2onnx")]
+    quality = [bench_quality(c) for c in ("mlp_legacy", "cnn_legacy", "mlp_skl2onnx", "resnet_legacy",
+                                          "mobilenet_legacy", "cnn_nhwc")]
     results["quality"] = quality
     print("\n### Accuracy drop (points, test split) at full share, no labels: mean / worst task\n")
     print("| pair | onnxzip (calibrated) | MTZ formula | random pairs + calibrated | random pairs + MTZ formula |")
@@ -206,8 +208,25 @@ def main(argv=None):
         cells = [f"{r[k][0]:+.2f} / {r[k][1]:+.2f}" for k in
                  ("calibrated", "paper", "random+calibrated", "random+paper")]
         print(f"| {r['case']} | " + " | ".join(cells) + " |")
+    curve = bench_curve("resnet_legacy")
+    results["curve"] = curve
+    print("\n### Zippering curve, ResNet-like pair (resnet_legacy): first k layers shared, then share fractions\n")
+    print("| setting | params ratio | MACs ratio | rel. error a | rel. error b | top-1 agreement a | top-1 agreement b |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for p in curve:
+        fa, fb = p["fidelity"]["a"], p["fidelity"]["b"]
+        print(f"| {p['label']} | {p['param_ratio']:.2f} | {p['macs_ratio']:.2f} | {fa['rel_err']:.3f} | "
+              f"{fb['rel_err']:.3f} | {fa['top1_agreement']:.3f} | {fb['top1_agreement']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def bench_curve(case: str) -> list[dict]:
+    d = CASES / case
+    start = time.perf_counter()
+    _, report = onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"), {"curve": True})
+    print(f"\n(curve of {len(report['curve'])} points in one run: {time.perf_counter() - start:.1f} s)")
+    return report["curve"]
 
 
 if __name__ == "__main__":
