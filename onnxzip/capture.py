@@ -9,6 +9,9 @@ remaining target can need are dropped.
 
 from __future__ import annotations
 
+import os
+import tempfile
+import weakref
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -61,49 +64,96 @@ def _apply_substitutions(proto: onnx.ModelProto, subs: Substitutions) -> None:
             init.CopyFrom(onnx.numpy_helper.from_array(subs[init.name], init.name))
 
 
-class Frontier:
-    """Tensors of one model variant over the whole calibration set, advanced segment by segment."""
+class Spilled:
+    """A tensor over the whole calibration set kept in an .npy file, written and read a batch at a
+    time, so big activations (ResNet-50 at 224x224: 0.8 GB per tensor for 256 samples) do not all
+    sit in memory at once. Indexing returns an ordinary array."""
 
-    def __init__(self, model: CanonicalModel, feeds: dict[str, np.ndarray], providers, batch_size: int):
+    def __init__(self, path: str, shape: tuple, dtype: np.dtype):
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(mapped[index])
+        finally:
+            del mapped  # unmapped: the pages leave this process's memory
+
+
+class _SpillWriter:
+    """Appends batches (in order) to an .npy file; no mapping, so nothing stays resident."""
+
+    def __init__(self, path: str, shape: tuple, dtype: np.dtype):
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self.file = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                         "fortran_order": False, "shape": shape})
+
+    def __setitem__(self, part: slice, array: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+
+    def close(self) -> Spilled:
+        self.file.close()
+        spilled = Spilled(self.path, self.shape, self.dtype)
+        weakref.finalize(spilled, _unlink, self.path)  # the file goes when nothing refers to it
+        return spilled
+
+
+def same_values(a, b, chunk: int = 16) -> bool:
+    """np.array_equal for in-memory or spilled tensors, a few samples at a time."""
+    if a is b:
+        return True
+    if a.shape != b.shape:
+        return False
+    return all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, len(a), chunk))
+
+
+class Frontier:
+    """Tensors of one model variant over the whole calibration set, advanced segment by segment.
+
+    Tensors larger than `spill_bytes` are kept on disk in `spill_dir` (see Spilled)."""
+
+    def __init__(self, model: CanonicalModel, feeds: dict[str, np.ndarray], providers, batch_size: int,
+                 spill_dir: Optional[str] = None, spill_bytes: float = float("inf")):
         self.model = model
         self.store: dict[str, np.ndarray] = {k: v for k, v in feeds.items()
                                              if k in {i.name for i in model.inputs}}
         self.n = len(next(iter(feeds.values())))
         self.providers = providers
         self.batch_size = model.fixed_batch or batch_size
+        self.spill_dir, self.spill_bytes = spill_dir, spill_bytes
 
-    def compute(self, wanted: list[str], subs_for: SubstitutionsFor,
-                on_batch: Optional[Callable[[slice, list[np.ndarray]], None]] = None,
-                keep: bool = True) -> list[Optional[np.ndarray]]:
-        """Compute `wanted` tensors from the store; keep them in the store unless keep=False.
-
-        `on_batch(part, arrays)` sees each batch as it is produced (used to accumulate moments).
-        Returns the full arrays when kept, else None entries.
-        """
+    def compute(self, wanted: list[str], subs_for: SubstitutionsFor) -> list:
+        """Compute the `wanted` tensors from the store (running only the nodes in between), keep them
+        in the store and return them."""
         missing = [w for w in wanted if w not in self.store]
         if missing:
             nodes = segment_nodes(self.model.graph, set(self.store), missing)
             used = sorted({t.name for n in nodes for t in n.inputs if t.name in self.store})
             session = make_session(segment_model(self.model, nodes, used, missing, subs_for(nodes)), self.providers)
-            results = {name: None for name in missing}
+            results = {}
             for part, arrays in run_batched(session, {k: self.store[k] for k in used}, missing,
                                             self.batch_size):
                 for name, array in zip(missing, arrays):
-                    if keep:
-                        if results[name] is None:
-                            results[name] = np.empty((self.n,) + array.shape[1:], array.dtype)
-                        results[name][part] = array
-                if on_batch is not None:
-                    current = [self.store[w][part] if w in self.store else arrays[missing.index(w)]
-                               for w in wanted]
-                    on_batch(part, current)
-            if keep:
-                self.store.update(results)
-        elif on_batch is not None:
-            for start in range(0, self.n, self.batch_size):
-                part = slice(start, min(self.n, start + self.batch_size))
-                on_batch(part, [self.store[w][part] for w in wanted])
+                    if name not in results:
+                        results[name] = self._allocate(name, (self.n,) + array.shape[1:], array.dtype)
+                    results[name][part] = array
+            self.store.update({k: v.close() if isinstance(v, _SpillWriter) else v for k, v in results.items()})
         return [self.store.get(w) for w in wanted]
+
+    def _allocate(self, name: str, shape: tuple, dtype):
+        if self.spill_dir and np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize > self.spill_bytes:
+            fd, path = tempfile.mkstemp(dir=self.spill_dir, suffix=".npy")
+            os.close(fd)
+            return _SpillWriter(path, shape, dtype)
+        return np.empty(shape, dtype)
 
     def retain(self, targets: Iterable[str]) -> None:
         """Drop stored tensors that no target can need any more (targets: tensors still to compute)."""
@@ -127,3 +177,10 @@ class Frontier:
         for name in list(self.store):
             if name not in live:
                 del self.store[name]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # its folder was already removed with the merge
+        pass

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from .align import Alignment, JointLayer
 from .canonicalize import CanonicalModel, Layer
-from .capture import Frontier, segment_nodes
+from .capture import Frontier, same_values, segment_nodes
 from .devicegram import DeviceMoments
 from .errors import CancelledError, InvalidOptionsError
 from .hessian import ChannelMoments, Moments, layer_rows, output_rows
@@ -92,6 +92,8 @@ class Reuse:
 
     tied: Optional[TiedStats] = None
     targets: Optional[dict] = None  # (task, tensor) -> original pre-activations, when they fit in memory
+    spill_dir: Optional[str] = None  # where activations bigger than spill_bytes wait on disk
+    spill_bytes: float = float("inf")
 
 
 def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, cancel,
@@ -112,8 +114,10 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     if reuse.tied is None:
         reuse.tied = TiedStats(al, prepared.fit, options, providers)
     fixed_views = reuse.tied.views(plan, options, rng)
-    original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
-    merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size) for t in tasks}
+    original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
+                            reuse.spill_bytes) for t in tasks}
+    merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
+                          reuse.spill_bytes) for t in tasks}
     weights = task_weights(tasks, options)
     depth = max(len(al.models[t].layers) for t in tasks)
     joint_at = {j.position - 1: j for j in al.joint}
@@ -162,7 +166,7 @@ def _share_identical(merged: dict[str, Frontier], layers: dict[str, Layer], task
         if other == task:
             break
         theirs = merged[other].store.get(layer.output)
-        if theirs is not None and theirs.shape == mine.shape and np.array_equal(theirs, mine):
+        if theirs is not None and same_values(theirs, mine):
             merged[task].store[name] = theirs
             return
 
@@ -214,7 +218,7 @@ def _channel_std(y: np.ndarray, chunk: int = 16) -> np.ndarray:
         part = y[start:start + chunk].astype(np.float64)
         total += part.sum(axis=axes)
         squares += np.square(part).sum(axis=axes)
-    count = y.size / y.shape[1]
+    count = np.prod(y.shape) / y.shape[1]
     return np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0))
 
 
@@ -236,11 +240,24 @@ def _residual_target(state: ZipState, original: Frontier, merged: Frontier, task
         return y
     (total,) = original.compute([add.outputs[0].name], lambda nodes: {})
     added = merged.compute(others, lambda nodes: state.substitutions(task, nodes))
-    order = state.out_order(task, layer)  # view position -> original channel
-    target = total.astype(y.dtype, copy=True)
-    for part in added:
-        target[:, order] -= part  # merged tensors are in view order
-    return target
+    return _ResidualTarget(total, added, state.out_order(task, layer))
+
+
+class _ResidualTarget:
+    """original sum - merged other addends, computed a batch at a time (tensors may be on disk)."""
+
+    def __init__(self, total, added: list, order: np.ndarray):
+        self.total, self.added, self.order = total, added, order  # order: view position -> channel
+        self.shape = total.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, part) -> np.ndarray:
+        target = np.array(self.total[part], copy=True)
+        for tensor in self.added:
+            target[:, self.order] -= tensor[part]  # merged tensors are in view order
+        return target
 
 
 def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
@@ -268,14 +285,13 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
         order = state.out_order(task, layer)
         moments = ChannelMoments(layer.width, int(np.prod(layer.kernel)), options.calibrate)
         w, b = layer.weight[order], layer.bias[order]
-        y = y[:, order] if y is not None else None
     else:
         dim = int(np.prod(layer.weight.shape[1:]))
         # In a shared trunk every task's layer sees the very same inputs: accumulate their Gram once.
         twin = next((o for o in others if not o.layer.depthwise
                      and o.layer.weight.shape[1:] == layer.weight.shape[1:]
                      and o.layer.node.attrs == layer.node.attrs and o.inputs is not None
-                     and o.inputs.shape == x.shape and np.array_equal(o.inputs, x)), None)
+                     and same_values(o.inputs, x)), None)
         w, b = layer.weight, layer.bias
         if imap is not None:
             w = w[:, imap.perm]
@@ -293,7 +309,10 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
     for start in range(0, len(x), options.batch_size):
         part = slice(start, start + options.batch_size)
         rows = layer_rows(layer, x[part])
-        y_rows = output_rows(layer, y[part]) if options.calibrate else None
+        y_part = y[part] if options.calibrate else None
+        if y_part is not None and layer.depthwise:
+            y_part = y_part[:, order]  # targets in view order, like the filters and inputs
+        y_rows = output_rows(layer, y_part) if y_part is not None else None
         if flat is not None:
             lo_hi = (flat.lo[order], flat.hi[order]) if layer.depthwise else (flat.lo, flat.hi)
             y_rows = FlatRange(*lo_hi).targets(y_rows, _response(layer, rows, w, b))

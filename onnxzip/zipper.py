@@ -3,6 +3,7 @@ pair + merge -> emit -> report. `merge()` is the Python API; the CLI and the ser
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Callable, Optional, Sequence, Union
 
@@ -48,7 +49,14 @@ def merge(models: Sequence[ModelSource], calibration: Union[str, dict], options=
     prepared = prepare(models, calibration, options, progress)
     eval_data = _evaluation(evaluation, prepared) if evaluation is not None else None
     check_cancel(cancel)
-    reuse = Reuse(targets={} if options.curve and targets_fit(prepared) else None)
+    with tempfile.TemporaryDirectory(prefix="onnxzip-") as spill_dir:
+        return _merge_prepared(prepared, options, progress, cancel, started, eval_data, spill_dir)
+
+
+def _merge_prepared(prepared: Prepared, options: MergeOptions, progress: Progress, cancel, started: float,
+                    eval_data, spill_dir: str) -> tuple[onnx.ModelProto, dict]:
+    reuse = Reuse(targets={} if options.curve and targets_fit(prepared) else None, spill_dir=spill_dir,
+                  spill_bytes=options.spill_mb * 2**20)
     state, rows = zip_layers(prepared, options, progress, cancel, reuse=reuse)
     progress("emit", 0.0, "writing the merged model")
     emitted = emit(state)

@@ -98,7 +98,9 @@ import json, sys, time, resource
 import onnxzip
 paths, calib, options = sys.argv[1:3], sys.argv[3], json.loads(sys.argv[4])
 start = time.perf_counter()
-model, report = onnxzip.merge(paths, calib, options)
+def progress(stage, fraction, message):
+    print(f"{time.perf_counter() - start:8.1f}s {stage:<12} {fraction:5.2f} {message}", file=sys.stderr, flush=True)
+model, report = onnxzip.merge(paths, calib, options, progress=progress)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "param_ratio": report["totals"]["param_ratio"], "macs_ratio": report["totals"]["macs_ratio"]}))
@@ -106,10 +108,13 @@ print(json.dumps({"seconds": seconds, "max_rss_kb": resource.getrusage(resource.
 
 
 def merge_in_child(paths: list[Path], calib: Path, options: dict) -> dict:
-    out = subprocess.run([sys.executable, "-c", MERGE_CHILD, *map(str, paths), str(calib), json.dumps(options)],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    log = os.environ.get("BENCH_PROGRESS_LOG", os.devnull)
+    with open(log, "a") as progress:
+        out = subprocess.run([sys.executable, "-c", MERGE_CHILD, *map(str, paths), str(calib), json.dumps(options)],
+                             stdout=subprocess.PIPE, stderr=progress, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
+        raise RuntimeError(f"merge failed (exit {out.returncode}); see {log}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
