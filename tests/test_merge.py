@@ -224,3 +224,21 @@ def test_models_from_different_exporters_and_opsets_share_one_trunk():
     assert [n.op_type for n in merged.graph.node].count("Conv") == 3
     drops = accuracy_drops("cnn_legacy", merged)
     assert max(drops.values()) <= 2.0
+
+
+def test_activations_spilled_to_disk_give_the_same_merged_model(tmp_path, monkeypatch):
+    """spill_mb bounds memory on big models; the result must not change (ResNet: residual targets too)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    d = case("resnet_legacy")
+    args = ([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"))
+    in_memory, _ = onnxzip.merge(*args, {"share": 1.0})
+    seen = []
+    spilled, _ = onnxzip.merge(*args, {"share": 1.0, "spill_mb": 0.01},
+                               progress=lambda *a: seen.append(sorted(p.name for p in tmp_path.rglob("*.npy"))))
+    assert any(seen), "tensors should have been written to disk"
+    test = load_test_split("resnet_legacy")
+    for name, value in run(in_memory, test).items():
+        np.testing.assert_array_equal(run(spilled, test)[name], value)
+    assert not list(tmp_path.rglob("*.npy"))  # nothing left behind
