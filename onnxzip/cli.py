@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--damping", type=float, help="Hessian damping lambda (default 1e-2)")
     m.add_argument("--pairing", choices=["hessian", "random"], default="hessian")
     m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--activation-margin", type=float,
+                   help="targets deep in a following ReLU/Clip's flat range only need to land there "
+                        "(spreads past the edge; default 1.0)")
+    m.add_argument("--spill-mb", type=float,
+                   help="activations larger than this wait on disk between layers (default 256)")
     m.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of calibration samples kept to measure fidelity (default 0.2)")
     m.add_argument("--eval", metavar="TEST.npz",
@@ -94,8 +99,9 @@ def _options(args) -> dict:
             "zipper": args.zipper, "calibrate": args.calibrate, "alpha": args.alpha,
             "pairing": args.pairing, "batch_size": args.batch_size, "holdout": args.holdout,
             "curve": args.curve, "target_opset": args.target_opset}
-    if args.damping is not None:
-        opts["damping"] = args.damping
+    for name in ("damping", "activation_margin", "spill_mb"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
     if args.tasks:
         opts["tasks"] = [t.strip() for t in args.tasks.split(",")]
     if args.providers:

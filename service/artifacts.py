@@ -1,12 +1,19 @@
-"""Files on local disk, one folder per job: inputs/, artifacts/, and a work folder per attempt.
+"""Where inputs and artifacts live: local disk (this module) or S3 (`s3_artifacts.py`), one place per job.
 
-    DATA_DIR/uploads/<tmp>/          an upload being received (moved to jobs/<id>/inputs when accepted)
-    DATA_DIR/jobs/<id>/inputs/       model-0.onnx, model-1.onnx, calibration.npz (server-chosen names)
-    DATA_DIR/jobs/<id>/work-<lease>/ what one attempt writes; moved to artifacts/ by the lease holder
-    DATA_DIR/jobs/<id>/artifacts/    merged.onnx, report.json, report.html
+    DATA_DIR/uploads/<tmp>/             an upload being received (moved to jobs/<id>/inputs when accepted)
+    DATA_DIR/jobs/<id>/inputs/          model-0.onnx, model-1.onnx, calibration.npz (server-chosen names)
+    DATA_DIR/jobs/<id>/work-<lease>/    what one attempt writes
+    DATA_DIR/jobs/<id>/artifacts/       merged.onnx, report.json, report.html (embedded store)
+    DATA_DIR/jobs/<id>/attempt-<lease>/ the same, addressed by attempt (Redis store)
 
-Each file is written to a temp name, fsynced and renamed, and the finished work folder is renamed to
-artifacts/ only while the store confirms the lease: a half-written file is never served.
+Each file is written to a temp name, fsynced and renamed. A half-written file is never served, in one of
+two ways. With the SQLite store the work folder is renamed to artifacts/ while the store holds its write
+lock and confirms the lease. Redis cannot hold a lock around a rename, so there each attempt's files stay
+under the attempt's own name and the job record, written by the lease holder after the last file is in
+place, says which attempt's files are the job's; a stale attempt's files are never pointed at.
+
+Both stores offer the same methods: the API stages uploads and serves artifacts, workers read inputs and
+save artifacts, supervisors discard what dead attempts left.
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Optional
+
+from .settings import Settings
 
 # The artifacts a finished job has, and how they are served.
 MEDIA_TYPES = {
@@ -31,11 +41,22 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK = 1 << 20
 
 
-class ArtifactStore:
-    """Local-disk artifacts under `root` (an S3-compatible store would offer the same methods)."""
+def open_artifacts(settings: Settings):
+    """The artifact store the settings choose: S3 when a bucket is named, else data_dir (attempt-addressed
+    when the job store is Redis)."""
+    if settings.s3_bucket:
+        from .s3_artifacts import S3Artifacts
 
-    def __init__(self, root: Path):
+        return S3Artifacts(settings)
+    return ArtifactStore(settings.data_dir, addressed=bool(settings.queue_url))
+
+
+class ArtifactStore:
+    """Local-disk inputs and artifacts under `root` (a shared volume when workers run elsewhere)."""
+
+    def __init__(self, root: Path, addressed: bool = False):
         self.root = Path(root)
+        self.addressed = addressed
         self.jobs = self.root / "jobs"
         self.uploads = self.root / "uploads"
         self.jobs.mkdir(parents=True, exist_ok=True)
@@ -61,6 +82,46 @@ class ArtifactStore:
     def input_path(self, job_id: str, stored_name: str) -> Path:
         return self.job_dir(job_id) / "inputs" / stored_name
 
+    @contextmanager
+    def inputs(self, job_id: str, stored_names: list[str]) -> Iterator[dict[str, Path]]:
+        """Local paths of a job's inputs while a worker reads them (here: where they are)."""
+        yield {name: self.input_path(job_id, name) for name in stored_names}
+
+    def save(self, job_id: str, token: str, files: dict[str, bytes]) -> tuple[list[dict], Optional[Callable[[], None]]]:
+        """Write one attempt's artifacts; returns their {name, size, sha256[, key]} and the step that makes
+        them the job's (None when the record pointing at them is that step)."""
+        work = self.work_dir(job_id, token)
+        metas = [self.write(work, name, data) for name, data in files.items()]
+        if not self.addressed:
+            return metas, lambda: self.publish(job_id, token)
+        sealed = f"attempt-{token}"
+        os.replace(work, self.job_dir(job_id) / sealed)
+        _fsync_dir(self.job_dir(job_id))
+        return [{**m, "key": f"{sealed}/{m['name']}"} for m in metas], None
+
+    def prune(self, job_id: str, token: str) -> None:
+        """After attempt `token` became the job's: drop what other attempts left."""
+        if not self.addressed:
+            return
+        for entry in self.job_dir(job_id).glob("*-*"):
+            if entry.name.startswith(("work-", "attempt-")) and not entry.name.endswith(token):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def local_path(self, job_id: str, meta: dict) -> Optional[Path]:
+        """Where an artifact of a finished job is on this machine's disk (None for remote stores)."""
+        return self.job_dir(job_id) / meta.get("key", f"artifacts/{meta['name']}")
+
+    def check(self) -> str:
+        """Raise when the store cannot take files; else a one-line description."""
+        probe = self.root / ".ready-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return f"ok ({self.root.resolve()})"
+
+    def describe(self) -> dict:
+        return {"kind": "local", "path": str(self.root.resolve()),
+                "layout": "attempt-addressed" if self.addressed else "published under the store's lock"}
+
     def work_dir(self, job_id: str, token: str) -> Path:
         folder = self.job_dir(job_id) / f"work-{token}"
         folder.mkdir(exist_ok=True)  # no parents: a deleted job's folder is not brought back
@@ -82,7 +143,7 @@ class ArtifactStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return digest(name, data)
 
     def publish(self, job_id: str, token: str) -> None:
         """Move the attempt's work folder in place as artifacts/ (call only while holding the lease)."""
@@ -93,11 +154,11 @@ class ArtifactStore:
         os.replace(folder / f"work-{token}", final)
         _fsync_dir(folder)
 
-    def path(self, job_id: str, name: str) -> Path:
-        return self.job_dir(job_id) / "artifacts" / name
-
     def discard_work(self, job_id: str, token: str) -> None:
+        """Remove what an attempt that did not become the job's wrote."""
         shutil.rmtree(self.job_dir(job_id) / f"work-{token}", ignore_errors=True)
+        if self.addressed:
+            shutil.rmtree(self.job_dir(job_id) / f"attempt-{token}", ignore_errors=True)
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
@@ -115,6 +176,11 @@ class ArtifactStore:
                 except FileNotFoundError:
                     pass
         return removed
+
+
+def digest(name: str, data: bytes) -> dict:
+    """An artifact's record: {name, size, sha256} (the sha256 is its ETag)."""
+    return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def copy_hashed(source, target: Path, limit: int) -> tuple[int, str]:

@@ -8,16 +8,14 @@ from typing import Optional
 import uvicorn
 from anyio import to_thread
 from fastapi import FastAPI
-from pydantic import ValidationError
 
 import onnxzip
-from onnxzip.errors import OnnxZipError
 
 from . import errors
-from .artifacts import ArtifactStore
+from .artifacts import open_artifacts
 from .auth import BearerAuth
 from .routers import health, merges
-from .settings import Settings
+from .settings import Settings, load_settings
 from .store import open_store
 from .uploads import BodyLimit
 from .workers import WorkerPool
@@ -30,7 +28,7 @@ DESCRIPTION = ("Merge two trained ONNX models into one multi-output model, as as
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
     store = open_store(settings)
-    artifacts = ArtifactStore(settings.data_dir)
+    artifacts = open_artifacts(settings)
     pool = WorkerPool(settings, store, artifacts)
 
     @asynccontextmanager
@@ -48,17 +46,6 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     if settings.api_token is not None:
         app.add_middleware(BearerAuth, token=settings.api_token.get_secret_value())  # outermost: before the body
     return app
-
-
-def load_settings(**overrides) -> Settings:
-    """Settings from the environment, with a one-line error naming the variable when one is wrong."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as err:
-        first = err.errors()[0]
-        name = "ONNXZIP_" + "_".join(str(p) for p in first["loc"]).upper() if first["loc"] else "ONNXZIP_* settings"
-        message = first["msg"].removeprefix("Value error, ")
-        raise OnnxZipError(f"{name}: {message} (see the settings table in the README)") from err
 
 
 def serve(host: Optional[str] = None, port: Optional[int] = None, data_dir: Optional[str] = None) -> None:

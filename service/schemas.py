@@ -149,10 +149,11 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
-    """Readiness: the store takes writes, the workers are alive, onnxruntime loads."""
+    """Readiness: the store takes writes, the artifact store answers, the workers are alive, onnxruntime loads."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "ready": True, "checks": {"store": "ok", "workers": "2 of 2 alive",
+        "ready": True, "checks": {"store": "ok (redis)", "queue": "rq queue 'onnxzip': 3 worker(s) registered",
+                                  "artifacts": "ok (s3://merges/onnxzip/)", "workers": "0 of 0 alive",
                                   "providers": "CPUExecutionProvider"}}]})
 
     ready: bool
@@ -166,7 +167,11 @@ class Info(BaseModel):
         "available_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda_usable": False,
         "opsets": {"emitted": "the inputs' opset, kept", "accepted": [11, 23]},
         "limits": {"max_upload_bytes": 2147483648}, "workers": 2,
-        "worker_threads": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}]})
+        "worker_threads": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        "backend": {"store": {"kind": "redis", "namespace": "onnxzip", "queue": "rq", "queue_name": "onnxzip",
+                              "redis": "redis://redis:6379/0", "answers": True},
+                    "artifacts": {"kind": "s3", "bucket": "merges", "prefix": "onnxzip/",
+                                  "endpoint": "http://minio:9000", "region": "us-east-1", "answers": True}}}]})
 
     versions: dict[str, str]
     providers: list[str] = Field(description="The onnxruntime execution providers merges run on.")
@@ -178,3 +183,5 @@ class Info(BaseModel):
     workers: int
     worker_threads: dict[str, str] = Field(description="Thread variables the worker processes run with "
                                                       "(merged weights can differ in the last bits with them).")
+    backend: dict[str, dict] = Field(description="The job store (sqlite, or redis with the rq queue) and the "
+                                                 "artifact store (local disk or s3), and whether each answers now.")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from onnxzip.errors import OnnxZipError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -57,8 +59,23 @@ class Settings(BaseSettings):
         None, description="When set, every endpoint but /healthz needs `Authorization: Bearer <token>`.")
     queue_url: Optional[str] = Field(
         None,
-        description="Scale-out queue (e.g. redis://host:6379/0). Not available yet: leave unset for "
-        "the embedded SQLite store.")
+        description="Scale-out: the Redis that holds the job store and the RQ queue (redis://host:6379/0, "
+        "rediss:// for TLS). Unset: the embedded SQLite store in data_dir.")
+    queue_name: str = Field(
+        "onnxzip", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="RQ queue name and prefix of onnxzip's Redis keys: deployments sharing one Redis need "
+        "different names.")
+    job_start: Literal["spawn", "fork"] = Field(
+        "spawn",
+        description="How a queue worker starts the process of each job: spawn (safe once CUDA is in use; about "
+        "2 s of imports per job) or fork (faster, for CPU-only workers).")
+    s3_bucket: Optional[str] = Field(
+        None, description="Artifacts and uploaded inputs in this S3 bucket instead of data_dir (needs "
+        "ONNXZIP_QUEUE_URL workers to reach it too). Credentials: the usual AWS_* variables.")
+    s3_endpoint_url: Optional[str] = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, R2...); unset for AWS itself.")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket, e.g. 'onnxzip/'.")
+    s3_region: Optional[str] = Field(None, description="Bucket region; default: the AWS_* configuration's.")
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self):
@@ -67,6 +84,13 @@ class Settings(BaseSettings):
                              "or leases expire between heartbeats")
         return self
 
+    @field_validator("queue_url")
+    @classmethod
+    def _queue_is_redis(cls, url: Optional[str]) -> Optional[str]:
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{url!r} is not a Redis URL: use redis://host:6379/0 (rediss:// for TLS)")
+        return url or None
+
     @property
     def retention_s(self) -> float:
         return self.retention_hours * 3600.0
@@ -74,3 +98,24 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "onnxzip.db"
+
+    def environment(self) -> dict[str, str]:
+        """These settings as ONNXZIP_* variables, for processes that read them again (RQ's job processes)."""
+        env = {}
+        for name, value in self.model_dump(exclude={"api_token"}).items():
+            if isinstance(value, Path):
+                value = value.resolve()  # a job process may start elsewhere
+            if value is not None:
+                env[f"ONNXZIP_{name.upper()}"] = str(value)
+        return env
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with a one-line error naming the variable when one is wrong."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = "ONNXZIP_" + "_".join(str(p) for p in first["loc"]).upper() if first["loc"] else "ONNXZIP_* settings"
+        message = first["msg"].removeprefix("Value error, ")
+        raise OnnxZipError(f"{name}: {message} (see the settings table in the README)") from err

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from .store import (CANCEL, CANCELLED, FAILED, HELD, LOST, QUEUED, RUNNING, SUCCEEDED, Event, Job)
+from .store import (CANCEL, CANCELLED, CANCELLED_ERROR, FAILED, HELD, LOST, QUEUED, RUNNING, SUCCEEDED, Event,
+                    Job, worker_lost_message)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _JSON = ("options", "inputs", "artifacts")
-_CANCELLED_ERROR = ("cancelled", "the job was cancelled on request")
+_CANCELLED_ERROR = CANCELLED_ERROR
 
 
 class SqliteJobStore:
@@ -264,11 +265,7 @@ class SqliteJobStore:
                 self._end(c, row, CANCELLED, _CANCELLED_ERROR)
                 return CANCELLED
             if row["attempts"] >= row["max_attempts"]:
-                self._end(c, row, FAILED, (
-                    "worker_lost",
-                    f"the job's worker stopped before finishing in all {row['attempts']} attempts (last: {reason}); "
-                    "see the service log (a crash or an out-of-memory kill), then resubmit, perhaps with "
-                    "fewer calibration samples or a smaller batch_size"))
+                self._end(c, row, FAILED, ("worker_lost", worker_lost_message(row["attempts"], reason)))
                 return FAILED
             message = f"requeued: {reason} (attempt {row['attempts']} of {row['max_attempts']} used)"
             c.execute("UPDATE jobs SET status=?, stage='queued', message=?, lease_token=NULL, lease_expires=NULL "
@@ -291,3 +288,12 @@ class SqliteJobStore:
         rows = self._conn().execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?",
                                     (cutoff,)).fetchall()
         return [r["id"] for r in rows]
+
+    def now(self) -> float:
+        return time.time()
+
+    def maintain(self) -> None:
+        """Nothing to do: SQLite has no queue of its own to keep in step."""
+
+    def describe(self) -> dict:
+        return {"kind": "sqlite", "path": str(self.path), "queue": "embedded (workers poll the store)"}

@@ -1,7 +1,8 @@
 """The job store and queue: records, the interface every backend implements, and the factory.
 
-The embedded default is SQLite (`sqlite_store.py`). A Redis/RQ backend for scale-out implements the
-same `JobStore` protocol; the API, the worker pool and the worker only ever talk to this interface.
+The embedded default is SQLite (`sqlite_store.py`); with ONNXZIP_QUEUE_URL the store lives in Redis and jobs
+are dispatched through RQ (`redis_store.py`, `scaleout.py`). The API, the worker pool and the worker only
+ever talk to this interface.
 
 Leases: a worker claims a queued job and receives a random lease token. Every later write for that
 attempt (progress, heartbeat, finish, publishing artifacts) is conditional on the token, so a stale
@@ -110,17 +111,36 @@ class JobStore(Protocol):
     def release(self, job_id: str, token: str, reason: str) -> bool:
         """Give a job back to the queue without counting the attempt (orderly shutdown)."""
     def finished_before(self, cutoff: float) -> list[str]: ...
+    def now(self) -> float:
+        """The store's clock: leases and time limits are judged by it (one clock for all machines)."""
+    def maintain(self) -> None:
+        """Periodic backend housekeeping, called by every supervisor (idempotent)."""
+    def describe(self) -> dict:
+        """What this store is, for /v1/info and /readyz (no secrets)."""
 
 
 def open_store(settings: Settings) -> JobStore:
-    """The store the settings choose: SQLite in data_dir (Redis comes with the scale-out backend)."""
+    """The store the settings choose: Redis + RQ with ONNXZIP_QUEUE_URL, else SQLite in data_dir."""
     if settings.queue_url:
-        raise OnnxZipError(
-            f"ONNXZIP_QUEUE_URL={settings.queue_url!r}: the Redis queue backend is not available in this "
-            "version; unset ONNXZIP_QUEUE_URL to use the embedded SQLite store in ONNXZIP_DATA_DIR")
+        try:
+            from .scaleout import open_redis_store
+        except ImportError as err:
+            raise OnnxZipError(f"ONNXZIP_QUEUE_URL is set but the queue client is missing ({err}): "
+                               'pip install "onnxzip[scale]"') from err
+        return open_redis_store(settings)
     from .sqlite_store import SqliteJobStore
 
     return SqliteJobStore(settings.db_path)
+
+
+def worker_lost_message(attempts: int, reason: str) -> str:
+    """Why a job failed after its workers kept dying (both stores say it the same way)."""
+    return (f"the job's worker stopped before finishing in all {attempts} attempts (last: {reason}); see the "
+            "service log (a crash or an out-of-memory kill), then resubmit, perhaps with fewer calibration "
+            "samples or a smaller batch_size")
+
+
+CANCELLED_ERROR = ("cancelled", "the job was cancelled on request")
 
 
 def pid_alive(pid: Optional[int]) -> bool:

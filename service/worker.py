@@ -1,5 +1,6 @@
 """One merge worker: a long-lived process that claims a job, runs onnxzip.merge, writes the artifacts
-and marks the job done, over and over. `run_worker()` is `onnxzip worker`: a pool without the API.
+and marks the job done, over and over. `run_worker()` is `onnxzip worker`: a pool without the API (of
+these processes on the SQLite store, of RQ workers with ONNXZIP_QUEUE_URL; see scaleout.py).
 
 A worker exits by itself when its parent dies (so a killed server leaves no orphans computing), when
 its lease is lost and the merge does not stop within the grace period, and after a cancelled or
@@ -19,12 +20,26 @@ import traceback
 
 from onnxzip.errors import CancelledError, OnnxZipError
 
-from .artifacts import ArtifactStore
-from .settings import Settings
+from .artifacts import open_artifacts
+from .settings import Settings, load_settings
 from .store import CANCEL, CANCELLED, FAILED, HELD, HOST, LOST, SUCCEEDED, Job, JobStore, open_store
 from .uploads import rename
 
 log = logging.getLogger("onnxzip.worker")
+
+def _transient_errors() -> tuple[type[Exception], ...]:
+    """Store errors worth waiting out (a busy SQLite file, a Redis that is restarting)."""
+    errors: list[type[Exception]] = [sqlite3.OperationalError]
+    try:
+        import redis
+
+        errors += [redis.ConnectionError, redis.TimeoutError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+TRANSIENT = _transient_errors()
 
 IDLE_POLL_S = 0.05  # how soon an idle worker sees a new job (one indexed read per poll)
 PARENT_CHECK_S = 0.5  # how soon a worker notices its parent died
@@ -41,12 +56,12 @@ def worker_main(settings: Settings, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     _exit_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    store, artifacts = open_store(settings), ArtifactStore(settings.data_dir)
+    store, artifacts = open_store(settings), open_artifacts(settings)
     _warm_up()
     while True:
         try:
             job = store.claim(os.getpid(), HOST, settings.lease_s)
-        except sqlite3.OperationalError as err:  # the store is busy or briefly unavailable: try again
+        except TRANSIENT as err:  # the store is busy or briefly unavailable: try again
             log.warning("claim failed: %s", err)
             job = None
         if job is None:
@@ -93,7 +108,7 @@ class Lease(threading.Thread):
         while not self.done.wait(self.settings.heartbeat_s):
             try:
                 state = self.store.renew(self.job_id, self.token, self.settings.lease_s)
-            except sqlite3.OperationalError as err:
+            except TRANSIENT as err:
                 log.warning("lease renewal failed: %s", err)
                 continue
             if state != HELD:
@@ -108,43 +123,49 @@ class Lease(threading.Thread):
             self.stop_since = time.monotonic()
 
     def should_cancel(self) -> bool:
-        if self.stop_since is None and self.store.lease_state(self.job_id, self.token) in (CANCEL, LOST):
-            self.stopping()
+        try:
+            if self.stop_since is None and self.store.lease_state(self.job_id, self.token) in (CANCEL, LOST):
+                self.stopping()
+        except TRANSIENT as err:  # go on; the lease thread decides once the store answers again
+            log.warning("lease check failed: %s", err)
         return self.stop_since is not None
 
 
-def run_job(job: Job, store: JobStore, artifacts: ArtifactStore, settings: Settings) -> bool:
+def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
     """Run one claimed job to its end; returns False when this process should be replaced."""
     token = job.lease_token
     lease = Lease(store, job, settings)
     lease.start()
     names = {i["stored"]: i["name"] for i in job.inputs}
-    models = [str(artifacts.input_path(job.id, i["stored"])) for i in job.inputs if i["role"] == "model"]
-    calibration = next(str(artifacts.input_path(job.id, i["stored"])) for i in job.inputs
-                       if i["role"] == "calibration")
-
-    done = [0.0]
+    done, committed = [0.0], False
 
     def progress(stage: str, fraction: float, message: str) -> None:
         low, high = STAGES.get(stage, (done[0], done[0]))
         done[0] = max(done[0], low + (high - low) * fraction)
-        if not store.progress(job.id, token, stage, done[0], message):
-            lease.stopping()
+        try:
+            if not store.progress(job.id, token, stage, done[0], message):
+                lease.stopping()
+        except TRANSIENT as err:  # progress is news, not state: the lease thread keeps trying the store
+            log.warning("progress update failed: %s", err)
 
     try:
         import onnxzip
         from onnxzip.html_report import render
 
-        model, report = onnxzip.merge(models, calibration, job.options, progress=progress,
-                                      should_cancel=lease.should_cancel)
+        with artifacts.inputs(job.id, list(names)) as paths:
+            models = [str(paths[i["stored"]]) for i in job.inputs if i["role"] == "model"]
+            calibration = next(str(paths[i["stored"]]) for i in job.inputs if i["role"] == "calibration")
+            model, report = onnxzip.merge(models, calibration, job.options, progress=progress,
+                                          should_cancel=lease.should_cancel)
         if lease.should_cancel():
             raise CancelledError("the merge was cancelled")
         progress("artifacts", 0.0, "writing merged.onnx, report.json, report.html")
-        work = artifacts.work_dir(job.id, token)
-        files = [artifacts.write(work, "merged.onnx", model.SerializeToString()),
-                 artifacts.write(work, "report.json", json.dumps(report, indent=2).encode()),
-                 artifacts.write(work, "report.html", render(report).encode())]
-        store.finish(job.id, token, SUCCEEDED, artifacts=files, publish=lambda: artifacts.publish(job.id, token))
+        files, publish = artifacts.save(job.id, token, {
+            "merged.onnx": model.SerializeToString(), "report.json": json.dumps(report, indent=2).encode(),
+            "report.html": render(report).encode()})
+        committed = store.finish(job.id, token, SUCCEEDED, artifacts=files, publish=publish)
+        if committed:
+            artifacts.prune(job.id, token)
         return True
     except CancelledError:
         store.finish(job.id, token, CANCELLED)
@@ -164,22 +185,25 @@ def run_job(job: Job, store: JobStore, artifacts: ArtifactStore, settings: Setti
         return False
     finally:
         lease.done.set()
-        artifacts.discard_work(job.id, token)
+        if not committed:
+            artifacts.discard_work(job.id, token)
 
 
 def run_worker() -> None:
-    """`onnxzip worker`: run settings.workers merge processes on the configured store, without the API."""
-    from .main import load_settings
+    """`onnxzip worker`: settings.workers merge processes on the configured store, without the API; with
+    ONNXZIP_QUEUE_URL, RQ workers taking jobs from the queue (on any number of machines)."""
     from .workers import WorkerPool
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
     store = open_store(settings)
-    pool = WorkerPool(settings, store, ArtifactStore(settings.data_dir), count=max(1, settings.workers))
+    pool = WorkerPool(settings, store, open_artifacts(settings), count=max(1, settings.workers))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     pool.start()
-    log.info("worker pool of %d on %s; stop with Ctrl-C", pool.count, settings.data_dir)
+    where = store.describe()
+    log.info("worker pool of %d on %s (%s); stop with Ctrl-C", pool.count, where["kind"],
+             where.get("queue") or settings.data_dir)
     stop.wait()
     pool.stop()

@@ -1,9 +1,13 @@
-"""The embedded worker pool: N long-lived merge processes (spawned, never forked) and their supervisor.
+"""The worker pool: N long-lived processes (spawned, never forked) and their supervisor.
 
-The supervisor is a thread in the API process. Every tick it replaces dead workers (requeueing what
+On the SQLite store each process is a merge worker polling the store (worker.py); with ONNXZIP_QUEUE_URL
+each is an RQ worker that runs every job in a process of its own (scaleout.py). The supervisor is a
+thread in the API process (and in `onnxzip worker`). Every tick it replaces dead workers (requeueing what
 they held), ends jobs whose cancel grace or time limit ran out (terminating, then killing, the worker
 when it is ours), requeues jobs whose worker vanished (an expired lease, or a dead process on this
-host: what a killed server leaves behind), and deletes jobs past their retention.
+host: what a killed server or worker leaves behind), lets the store keep its queue in step, and deletes
+jobs past their retention. Every supervisor of a deployment does this; the store makes sure that one
+of them wins each change. Time is the store's clock, one for all machines.
 """
 
 from __future__ import annotations
@@ -12,10 +16,8 @@ import logging
 import multiprocessing
 import os
 import threading
-import time
 from typing import Optional
 
-from .artifacts import ArtifactStore
 from .settings import Settings
 from .store import CANCELLED, FAILED, HOST, Job, JobStore, pid_alive
 from .worker import worker_main
@@ -26,6 +28,7 @@ log = logging.getLogger("onnxzip.workers")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 TICK_S = 0.25
+MAINTAIN_S = 10.0  # how often the store's own housekeeping runs (re-dispatching lost queue entries)
 TERMINATE_WAIT_S = 2.0  # after SIGTERM, before SIGKILL
 ORPHAN_AGE_S = 3600.0  # folders without a record older than this are leftovers of a crash
 
@@ -33,7 +36,7 @@ ORPHAN_AGE_S = 3600.0  # folders without a record older than this are leftovers 
 class WorkerPool:
     """Starts, watches and stops `count` worker processes; also the store's janitor."""
 
-    def __init__(self, settings: Settings, store: JobStore, artifacts: ArtifactStore, count: Optional[int] = None):
+    def __init__(self, settings: Settings, store: JobStore, artifacts, count: Optional[int] = None):
         self.settings, self.store, self.artifacts = settings, store, artifacts
         self.count = settings.workers if count is None else count
         self.threads = settings.worker_threads or max(1, _cores() // max(1, self.count))
@@ -42,14 +45,19 @@ class WorkerPool:
         self.cancel_seen: dict[str, float] = {}
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="worker-supervisor", daemon=True)
-        self.last_sweep = 0.0
+        self.last_sweep = self.last_maintain = 0.0
+        self.target = worker_main
+        if settings.queue_url:
+            from .scaleout import rq_worker_main
+
+            self.target = rq_worker_main
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
         for name in THREAD_VARIABLES:  # a value the operator set in the environment wins
             os.environ.setdefault(name, str(self.threads))
-        self._reap_lost(time.time())  # jobs that were running when a previous server died
+        self._reap_lost(self.store.now())  # jobs that were running when a previous server died
         self.processes = [self._spawn() for _ in range(self.count)]
         self.thread.start()
 
@@ -79,7 +87,7 @@ class WorkerPool:
         return [p.pid for p in self.processes]
 
     def _spawn(self):
-        process = self.context.Process(target=worker_main, args=(self.settings, os.getpid()),
+        process = self.context.Process(target=self.target, args=(self.settings, os.getpid()),
                                        name="onnxzip-worker", daemon=False)
         process.start()
         return process
@@ -94,7 +102,7 @@ class WorkerPool:
                 log.exception("supervisor tick failed")
 
     def tick(self) -> None:
-        now = time.time()
+        now = self.store.now()
         running = self.store.running()
         by_pid = {j.worker_pid: j for j in running if j.worker_host == HOST}
         for i, process in enumerate(self.processes):
@@ -110,6 +118,9 @@ class WorkerPool:
         for job in running:
             self._enforce_limits(job, now)
         self._reap_lost(now)
+        if now - self.last_maintain > MAINTAIN_S:
+            self.last_maintain = now
+            self.store.maintain()
         if now - self.last_sweep > min(60.0, self.settings.retention_s / 4):
             self.last_sweep = now
             self._sweep(now)

@@ -198,8 +198,9 @@ async def _event_stream(request: Request, store, job_id: str, after: int):
 @router.api_route("/{job_id}/artifacts/{name}", methods=["GET", "HEAD"], responses={**_ERRORS, 200: {"content": {
     "application/octet-stream": {}, "application/json": {}, "text/html": {}}}, 304: {"description": "Not modified"}},
     response_class=FileResponse, summary="Download merged.onnx, report.json or report.html",
-    description="ETag is the file's sha256; If-None-Match with it answers 304; HEAD gives the headers only.")
-def get_artifact(job_id: str, name: str, store: StoreDep, artifacts: ArtifactsDep,
+    description="ETag is the file's sha256; If-None-Match with it answers 304; HEAD gives the headers only. The "
+                "body streams from disk or from the S3 bucket, never whole in memory.")
+def get_artifact(job_id: str, name: str, request: Request, store: StoreDep, artifacts: ArtifactsDep,
                  if_none_match: Annotated[Optional[str], Header(alias="If-None-Match")] = None):
     job = _job_or_404(store, job_id)
     if name not in MEDIA_TYPES:
@@ -213,9 +214,16 @@ def get_artifact(job_id: str, name: str, store: StoreDep, artifacts: ArtifactsDe
     etag = f'"{meta["sha256"]}"'
     if if_none_match is not None and _etag_matches(if_none_match, meta["sha256"]):
         return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(artifacts.path(job_id, name), media_type=MEDIA_TYPES[name], filename=name,
-                        content_disposition_type="attachment" if name.endswith(".onnx") else "inline",
-                        headers={"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"})
+    disposition = "attachment" if name.endswith(".onnx") else "inline"
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
+    path = artifacts.local_path(job_id, meta)
+    if path is not None:
+        return FileResponse(path, media_type=MEDIA_TYPES[name], filename=name, content_disposition_type=disposition,
+                            headers=headers)
+    headers.update({"Content-Length": str(meta["size"]), "Content-Disposition": f'{disposition}; filename="{name}"'})
+    if request.method == "HEAD":
+        return Response(media_type=MEDIA_TYPES[name], headers=headers)
+    return StreamingResponse(artifacts.open(job_id, meta), media_type=MEDIA_TYPES[name], headers=headers)
 
 
 def _etag_matches(header: str, sha256: str) -> bool:
