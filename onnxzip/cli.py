@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--activation-margin", type=float,
                    help="targets deep in a following ReLU/Clip's flat range only need to land there "
                         "(spreads past the edge; default 1.0)")
+    m.add_argument("--hessian", choices=["full", "channel"],
+                   help="conv Hessians over whole patches (default) or per channel (C x C, cheaper, approximate)")
     m.add_argument("--spill-mb", type=float,
                    help="activations larger than this wait on disk between layers (default 256)")
     m.add_argument("--holdout", type=float, default=0.2,
@@ -99,7 +101,7 @@ def _options(args) -> dict:
             "zipper": args.zipper, "calibrate": args.calibrate, "alpha": args.alpha,
             "pairing": args.pairing, "batch_size": args.batch_size, "holdout": args.holdout,
             "curve": args.curve, "target_opset": args.target_opset}
-    for name in ("damping", "activation_margin", "spill_mb"):
+    for name in ("damping", "activation_margin", "spill_mb", "hessian"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if args.tasks:

@@ -82,6 +82,46 @@ class Moments:
         return self.cross * (weight / max(self.rows, 1))
 
 
+class KroneckerMoments(Moments):
+    """Moments whose Hessian is the per-channel (C x C) one, as MTZ's reference code does for wide
+    convolutions: H ~ H_c (x) I_kk, i.e. each kernel position sees the channel statistics of the input
+    pixels and positions are taken as uncorrelated. The Gram costs rows * C^2 instead of
+    rows * (C k k)^2. Too rough for least squares (exact_gram False): such layers merge by MTZ's
+    formula."""
+
+    exact_gram = False
+
+    def __init__(self, channels: int, kk: int, targets: Optional[int] = None, gram: Optional[np.ndarray] = None):
+        super().__init__(channels * kk, targets, gram=np.zeros(0))
+        self.channels, self.kk = channels, kk
+        self.gram = np.zeros((channels + 1, channels + 1)) if gram is None else gram
+        self.own_gram = gram is None
+
+    def update(self, x: np.ndarray, y: Optional[np.ndarray] = None) -> None:
+        own, self.own_gram = self.own_gram, False  # the full Gram is never formed
+        super().update(x, y)
+        self.own_gram = own
+        if own:
+            centre = x[:, self.kk // 2::self.kk]  # each patch's middle pixel: one input pixel per row
+            for start in range(0, len(centre), _CHUNK_ROWS):
+                xb = np.empty((min(_CHUNK_ROWS, len(centre) - start), self.channels + 1), dtype=np.float32)
+                xb[:, :-1] = centre[start:start + len(xb)]
+                xb[:, -1] = 1.0
+                self.gram += xb.T @ xb
+
+    def hessian(self, weight: float) -> np.ndarray:
+        """The (C k k + 1)-sized Hessian the rest of onnxzip expects, built from the channel one."""
+        c, kk = self.channels, self.kk
+        h = self.gram * (weight / max(self.rows, 1))
+        full = np.zeros((c * kk + 1, c * kk + 1))
+        # The bias is shared out over the k*k positions (each adds b/kk), which keeps H positive
+        # semi-definite: E[(sum_p x_p.dw_p + db)^2] ~ sum_p E[(x_p.dw_p + db/kk)^2].
+        full[:-1, :-1] = np.kron(h[:-1, :-1], np.eye(kk))
+        full[:-1, -1] = full[-1, :-1] = np.repeat(h[:-1, -1], kk) / kk
+        full[-1, -1] = h[-1, -1] / kk
+        return full
+
+
 class ChannelMoments:
     """Moments per channel, for depthwise convolutions: channel c's k*k patches predict only output
     channel c, so each channel has its own (k*k+1)-sized Hessian."""

@@ -85,9 +85,15 @@ def task_only(side: TaskSide, order: np.ndarray, options) -> tuple[np.ndarray, n
     return _unflat(flat.T, side.view_w)
 
 
+def calibrating(side: TaskSide, options) -> bool:
+    """Least-squares recovery needs the exact Gram; per-channel (Kronecker) Hessians only serve MTZ's
+    formula, whose pairing and merge they approximate well."""
+    return options.calibrate and getattr(side.moments, "exact_gram", True)
+
+
 def own_weights(side: TaskSide, options) -> np.ndarray:
     """(d_view + 1, n) weights for neurons that stay the task's own (refit when inputs changed)."""
-    if options.calibrate and not side.exact:
+    if calibrating(side, options) and not side.exact:
         return refit(side, options.damping)
     return side.flat()
 
@@ -189,7 +195,7 @@ def _shared_weights(view: GroupView, sides, space: _Space, options) -> dict[int,
         solve = pairing.SPDSolver(sum(space.hd[t] for t in tasks))
         rhs = sum(space.hd[t] @ space.w[t][:, [m[t] for m in members]] for t in tasks)
         merged = solve(rhs)
-        if options.calibrate:
+        if all(calibrating(s, options) for s in sides):
             side_weight = {s.task: s.weight for s in sides}
             fit = sum(_embed_rows(cross[t].cross_moment(side_weight[t])[:, [m[t] for m in members]],
                                   space.cols[t], space.d) for t in tasks)

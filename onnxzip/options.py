@@ -71,6 +71,10 @@ class MergeOptions(BaseModel):
         None,
         description="onnxruntime execution providers; default: CUDA when it really loads, else CPU.")
     seed: int = Field(0, description="Seed for random pairing and the holdout split.")
+    hessian: Literal["full", "channel"] = Field(
+        "full",
+        description="Convolution Hessians over whole k*k*C patches (exact), or per channel (C x C, MTZ's "
+        "reference-code approximation): far cheaper for very wide convolutions.")
     device_hessians: Optional[bool] = Field(
         None,
         description="Accumulate layer Hessians inside onnxruntime (on the GPU with CUDA) instead of numpy; "

@@ -15,7 +15,7 @@ from .canonicalize import CanonicalModel, Layer
 from .capture import Frontier, same_values, segment_nodes
 from .devicegram import DeviceMoments
 from .errors import CancelledError, InvalidOptionsError
-from .hessian import ChannelMoments, Moments, layer_rows, output_rows
+from .hessian import ChannelMoments, KroneckerMoments, Moments, layer_rows, output_rows
 from .layerzip import TaskSide, ZipResult, task_only, zip_layer
 from .options import MergeOptions
 from .runtime import default_providers
@@ -298,14 +298,18 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
         shared_gram = twin.moments.gram if twin is not None else None
         if twin is not None:  # one copy of the trunk's tensor in memory, not one per task
             merged.store[layer.input] = x = twin.inputs
-        if _device_hessians(options, merged.providers):
+        if _device_hessians(options, merged.providers) and options.hessian == "full":
             moments = DeviceMoments(layer, options.calibrate, merged.providers, shared_gram,
                                     (w, b, flat.lo, flat.hi) if flat is not None else None)
             for start in range(0, len(x), options.batch_size):
                 part = slice(start, start + options.batch_size)
                 moments.update_batch(x[part], y[part] if options.calibrate else None)
             return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)
-        moments = Moments(dim, layer.width if options.calibrate else None, gram=shared_gram)
+        if options.hessian == "channel" and layer.kind == "conv" and int(np.prod(layer.kernel)) > 1:
+            moments = KroneckerMoments(int(layer.weight.shape[1]), int(np.prod(layer.kernel)),
+                                       layer.width if options.calibrate else None, gram=shared_gram)
+        else:
+            moments = Moments(dim, layer.width if options.calibrate else None, gram=shared_gram)
     for start in range(0, len(x), options.batch_size):
         part = slice(start, start + options.batch_size)
         rows = layer_rows(layer, x[part])

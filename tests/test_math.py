@@ -134,3 +134,28 @@ def test_device_side_hessians_equal_the_numpy_ones():
     ref = run(d / "a.onnx", test)["logits"]
     got = run(merged, test)["b/logits"]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-3
+
+
+def test_per_channel_hessian_is_the_kronecker_form_and_recovers_a_permutation():
+    """hessian='channel': H ~ H_c (x) I_kk from each patch's centre pixel; positive semi-definite."""
+    from onnxzip.hessian import KroneckerMoments
+
+    rng = np.random.default_rng(7)
+    x = np.abs(rng.normal(size=(6, 3, 8, 8))).astype(np.float32)  # non-negative, like ReLU outputs
+    rows = im2col(x, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1])
+    kron, full = KroneckerMoments(3, 9), Moments(27)
+    kron.update(rows)
+    full.update(rows)
+    hk, hf = kron.hessian(1.0), full.hessian(1.0)
+    centre = [c * 9 + 4 for c in range(3)]
+    np.testing.assert_allclose(hk[np.ix_(centre, centre)], hf[np.ix_(centre, centre)], rtol=1e-5)
+    assert np.linalg.eigvalsh(hk).min() > -1e-9
+    assert kron.gram.shape == (4, 4)  # C+1, not C*k*k+1
+    import onnxzip
+    from conftest import case
+
+    d = case("cnn_perm_legacy")
+    merged, _ = onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"), {"hessian": "channel"})
+    test = dict(np.load(d / "test.npz"))
+    ref = run(d / "a.onnx", test)["logits"]
+    assert np.linalg.norm(run(merged, test)["b/logits"] - ref) / np.linalg.norm(ref) <= 1e-3
