@@ -31,8 +31,8 @@ def tied_groups(al: Alignment) -> dict[int, list[JointLayer]]:
 
 
 def _rows(y: np.ndarray) -> np.ndarray:
-    """(batch, C, ...) -> (batch * positions, C) in float64."""
-    return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]).astype(np.float64)
+    """(batch, C, ...) -> (batch * positions, C); products in float32, sums across batches float64."""
+    return np.ascontiguousarray(np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]), dtype=np.float32)
 
 
 class TiedStats:
@@ -78,10 +78,10 @@ def _collect(al: Alignment, groups: dict[int, list[JointLayer]], data: dict[str,
         for j in writers:
             rows = {t: _rows(outs[t][j.layers[t].output]) for t in tasks}
             for t in tasks:
-                sq[(id(j), t)] = sq[(id(j), t)] + np.sum(rows[t] ** 2, axis=0)
+                sq[(id(j), t)] = sq[(id(j), t)] + np.einsum("rc,rc->c", rows[t], rows[t]).astype(np.float64)
             for a, s in enumerate(tasks):
                 for t in tasks[a + 1:]:
-                    cross[(id(j), s, t)] = cross[(id(j), s, t)] + rows[s].T @ rows[t]
+                    cross[(id(j), s, t)] = cross[(id(j), s, t)] + (rows[s].T @ rows[t]).astype(np.float64)
             count[id(j)] += len(rows[tasks[0]])
     return sq, cross, count
 

@@ -63,6 +63,20 @@ def _validation_message(exc: RequestValidationError) -> str:
     return text
 
 
+def _unavailable_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean a backend is out of reach, not a bug: Redis/SQLite (TRANSIENT) and S3 connections."""
+    from .store import TRANSIENT
+
+    kinds = list(TRANSIENT)
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        kinds.append(BotoConnectionError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that give every error the one JSON shape."""
 
@@ -90,6 +104,16 @@ def install(app: FastAPI) -> None:
             message = ("the request body could not be read as multipart/form-data; send the fields "
                        "models, calibration and options as curl -F does")
         return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+    async def _unavailable(request: Request, exc: Exception):  # the store or the bucket does not answer
+        log.warning("%s %s: backend unavailable: %s", request.method, request.url.path, exc)
+        return error_response(503, "unavailable", f"the service's job store or artifact store does not answer "
+                                                  f"({type(exc).__name__}): retry in a moment (submit with an "
+                                                  "Idempotency-Key to make retries safe)",
+                              headers={"Retry-After": "5"})
+
+    for kind in _unavailable_errors():
+        app.add_exception_handler(kind, _unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # a bug: log it, answer plainly, stay up

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -28,6 +29,21 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 HELD, CANCEL, LOST = "held", "cancel", "lost"
 
 HOST = socket.gethostname()
+
+
+def _transient_errors() -> tuple[type[Exception], ...]:
+    """Store errors worth waiting out (a busy SQLite file, a Redis that is restarting or out of reach)."""
+    errors: list[type[Exception]] = [sqlite3.OperationalError]
+    try:
+        import redis
+
+        errors += [redis.ConnectionError, redis.TimeoutError]
+    except ImportError:  # no scale-out extra: SQLite only
+        pass
+    return tuple(errors)
+
+
+TRANSIENT = _transient_errors()
 
 
 @dataclass

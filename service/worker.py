@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import threading
 import time
 import traceback
@@ -22,24 +21,10 @@ from onnxzip.errors import CancelledError, OnnxZipError
 
 from .artifacts import open_artifacts
 from .settings import Settings, load_settings
-from .store import CANCEL, CANCELLED, FAILED, HELD, HOST, LOST, SUCCEEDED, Job, JobStore, open_store
+from .store import CANCEL, CANCELLED, FAILED, HELD, HOST, LOST, SUCCEEDED, TRANSIENT, Job, JobStore, open_store
 from .uploads import rename
 
 log = logging.getLogger("onnxzip.worker")
-
-def _transient_errors() -> tuple[type[Exception], ...]:
-    """Store errors worth waiting out (a busy SQLite file, a Redis that is restarting)."""
-    errors: list[type[Exception]] = [sqlite3.OperationalError]
-    try:
-        import redis
-
-        errors += [redis.ConnectionError, redis.TimeoutError]
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-TRANSIENT = _transient_errors()
 
 IDLE_POLL_S = 0.05  # how soon an idle worker sees a new job (one indexed read per poll)
 PARENT_CHECK_S = 0.5  # how soon a worker notices its parent died
@@ -203,7 +188,8 @@ def run_worker() -> None:
         signal.signal(sig, lambda *_: stop.set())
     pool.start()
     where = store.describe()
-    log.info("worker pool of %d on %s (%s); stop with Ctrl-C", pool.count, where["kind"],
-             where.get("queue") or settings.data_dir)
+    queue = (f"rq queue '{where['queue_name']}' at {where['redis']}" if where.get("queue") == "rq"
+             else f"the SQLite store in {settings.data_dir}")
+    log.info("%d worker(s) on %s; stop with Ctrl-C", pool.count, queue)
     stop.wait()
     pool.stop()

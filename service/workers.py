@@ -19,7 +19,7 @@ import threading
 from typing import Optional
 
 from .settings import Settings
-from .store import CANCELLED, FAILED, HOST, Job, JobStore, pid_alive
+from .store import CANCELLED, FAILED, HOST, TRANSIENT, Job, JobStore, pid_alive
 from .worker import worker_main
 
 log = logging.getLogger("onnxzip.workers")
@@ -57,7 +57,10 @@ class WorkerPool:
     def start(self) -> None:
         for name in THREAD_VARIABLES:  # a value the operator set in the environment wins
             os.environ.setdefault(name, str(self.threads))
-        self._reap_lost(self.store.now())  # jobs that were running when a previous server died
+        try:
+            self._reap_lost(self.store.now())  # jobs that were running when a previous server died
+        except TRANSIENT as err:  # the store is out of reach: the supervisor's ticks try again
+            log.warning("the job store does not answer yet: %s", err)
         self.processes = [self._spawn() for _ in range(self.count)]
         self.thread.start()
 
