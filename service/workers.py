@@ -171,8 +171,8 @@ class WorkerPool:
 
     def _sweep(self, now: float) -> None:
         for job_id in self.store.finished_before(now - self.settings.retention_s):
+            self.artifacts.remove(job_id)  # files first: once the record is gone, so is all it named
             if self.store.delete(job_id) is not None:
-                self.artifacts.remove(job_id)
                 log.info("job %s expired (retention %g h) and was deleted", job_id, self.settings.retention_hours)
         self.artifacts.sweep_orphans(lambda name: self.store.get(name) is not None, ORPHAN_AGE_S)
 

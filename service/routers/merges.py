@@ -217,13 +217,19 @@ def get_artifact(job_id: str, name: str, request: Request, store: StoreDep, arti
     disposition = "attachment" if name.endswith(".onnx") else "inline"
     headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
     path = artifacts.local_path(job_id, meta)
+    if path is not None and not path.is_file():  # expired or deleted between the record and the file
+        raise not_found(job_id)
     if path is not None:
         return FileResponse(path, media_type=MEDIA_TYPES[name], filename=name, content_disposition_type=disposition,
                             headers=headers)
     headers.update({"Content-Length": str(meta["size"]), "Content-Disposition": f'{disposition}; filename="{name}"'})
     if request.method == "HEAD":
         return Response(media_type=MEDIA_TYPES[name], headers=headers)
-    return StreamingResponse(artifacts.open(job_id, meta), media_type=MEDIA_TYPES[name], headers=headers)
+    try:
+        body = artifacts.open(job_id, meta)
+    except FileNotFoundError as err:  # expired or deleted between the record and the object
+        raise not_found(job_id) from err
+    return StreamingResponse(body, media_type=MEDIA_TYPES[name], headers=headers)
 
 
 def _etag_matches(header: str, sha256: str) -> bool:
