@@ -68,7 +68,9 @@ def _collect(al: Alignment, groups: dict[int, list[JointLayer]], data: dict[str,
     sq = {(id(j), t): 0.0 for j in writers for t in tasks}
     cross = {(id(j), s, t): 0.0 for j in writers for a, s in enumerate(tasks) for t in tasks[a + 1:]}
     count = {id(j): 0 for j in writers}
-    batch = al.models[tasks[0]].fixed_batch or options.batch_size
+    # Every tied writer's output of both models is alive at once here: a quarter of the usual batch
+    # keeps this pass from being the memory peak of a big merge.
+    batch = al.models[tasks[0]].fixed_batch or max(1, options.batch_size // 4)
     feeds = {t: {i.name: data[i.name] for i in al.models[t].inputs} for t in tasks}
     n = len(next(iter(data.values())))
     for start in range(0, n, batch):
