@@ -8,7 +8,7 @@ Conv/Gemm nodes is a `Layer`: the unit that onnxzip pairs and merges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import UnsupportedGraphError
-from .load import InputSpec, default_opset, input_specs
+from .load import InputSpec, input_specs
 from .runtime import make_session, _ort
 
 Shape = tuple[Optional[int], ...]  # None marks the batch dimension
@@ -93,15 +93,10 @@ class CanonicalModel:
     inputs: list[InputSpec]
     outputs: list[str]
     fixed_batch: Optional[int] = None  # a graph exported for one batch size only
-    notes: list[str] = field(default_factory=list)
 
     @property
     def opset(self) -> int:
         return next(o.version for o in self.opset_imports if o.domain in ("", "ai.onnx"))
-
-    def producer(self, tensor: str) -> Optional[gs.Node]:
-        t = self.graph.tensors().get(tensor)
-        return t.inputs[0] if t is not None and t.inputs else None
 
     def to_onnx(self) -> onnx.ModelProto:
         return export(self.graph, self.opset_imports, self.ir_version)
@@ -385,6 +380,3 @@ def _fold_batchnorms(graph: gs.Graph) -> None:
         set_outputs(layer, [y])
     graph.cleanup()
 
-
-def opset_of(model: onnx.ModelProto) -> int:
-    return default_opset(model)

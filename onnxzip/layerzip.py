@@ -194,7 +194,7 @@ def _shared_weights(view: GroupView, sides, space: _Space, options) -> dict[int,
         tasks = sorted(owners)
         solve = pairing.SPDSolver(sum(space.hd[t] for t in tasks))
         rhs = sum(space.hd[t] @ space.w[t][:, [m[t] for m in members]] for t in tasks)
-        merged = solve(rhs)
+        merged = pairing.merged_weights(solve, rhs)
         if all(calibrating(s, options) for s in sides):
             side_weight = {s.task: s.weight for s in sides}
             fit = sum(_embed_rows(cross[t].cross_moment(side_weight[t])[:, [m[t] for m in members]],

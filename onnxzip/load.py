@@ -132,6 +132,31 @@ def load_calibration(path: str, specs: list[InputSpec], *, max_bytes: int = DEFA
     if not os.path.isfile(path):
         raise InvalidCalibrationError(f"{kind} file '{path}' does not exist: give an .npz file")
     headers = read_npz_headers(path, max_bytes=max_bytes, label=label)
+    mapping = _match_inputs(label, headers, specs)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: np.ascontiguousarray(npz[key]) for name, key in mapping.items()}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise InvalidCalibrationError(
+            f"'{label}' is damaged ({' '.join(str(err).split())}); save it again with numpy.savez") from err
+    return {spec.name: _convert(label, spec, arrays[spec.name]) for spec in specs}
+
+
+def check_calibration_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec],
+                             label: str = "calibration") -> dict[str, np.ndarray]:
+    """The checks of load_calibration for arrays already in memory (the Python API)."""
+    headers = {}
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.hasobject:
+            raise InvalidCalibrationError(f"{label}: array '{key}' holds Python objects; give numeric arrays")
+        headers[key] = (value.shape, value.dtype)
+    mapping = _match_inputs(label, headers, specs)
+    return {s.name: _convert(label, s, np.ascontiguousarray(arrays[mapping[s.name]])) for s in specs}
+
+
+def _match_inputs(label: str, headers: dict, specs: list[InputSpec]) -> dict[str, str]:
+    """Which array feeds which model input (checked: present, shape, dtype, equal sample counts)."""
     keys = list(headers)
     if len(specs) == 1 and keys == ["arr_0"]:
         mapping = {specs[0].name: "arr_0"}
@@ -150,15 +175,7 @@ def load_calibration(path: str, specs: list[InputSpec], *, max_bytes: int = DEFA
         raise InvalidCalibrationError(
             f"'{label}': inputs hold different numbers of samples {sorted(counts)}; "
             "give every input the same number of samples (axis 0)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: np.ascontiguousarray(npz[key]) for name, key in mapping.items()}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-        raise InvalidCalibrationError(
-            f"'{label}' is damaged ({' '.join(str(err).split())}); save it again with numpy.savez") from err
-    for spec in specs:
-        arrays[spec.name] = _convert(label, spec, arrays[spec.name])
-    return arrays
+    return mapping
 
 
 def read_npz_headers(path: str, *, max_bytes: int,

@@ -88,7 +88,7 @@ def _layer_row(rec, al, emitted, inits, all_after) -> dict:
         "not_shared_because": (rec.joint.reason if rec.joint and not rec.joint.shareable
                                else None if rec.joint else "beyond the aligned layers"),
         "planned": rec.planned,
-        "shared": _shared_count(res, rec.layers) if res is not None else 0,
+        "shared": res.shared if res is not None else 0,
         "predicted_error": float(costs.sum()),
         "predicted_error_max": float(costs.max()) if costs.size else 0.0,
         "params_before": sum(layer_params(l) for l in rec.layers.values()),
@@ -97,11 +97,6 @@ def _layer_row(rec, al, emitted, inits, all_after) -> dict:
         "macs_after": sum(layer_macs(l, al.models[t].shapes) for t, l in nodes.values()),
         "computed_once": len(nodes) == 1 and len(tasks) > 1,
     }
-
-
-def _shared_count(res, layers) -> int:
-    """Neurons shared at this position: union channels used by more than one task."""
-    return int(sum(1 for o in res.view.owners if len(o) > 1))
 
 
 def fidelity(originals: dict[str, onnx.ModelProto], merged: onnx.ModelProto, data: dict[str, np.ndarray],

@@ -46,9 +46,6 @@ class ZipState:
     def view(self, task: str, group: int) -> GroupView:
         return self.views[self.al.joint_group(task, group)]
 
-    def set_view(self, task: str, group: int, view: GroupView) -> None:
-        self.views[self.al.joint_group(task, group)] = view
-
     def in_map(self, task: str, layer: Layer) -> Optional[AxisMap]:
         layout = self.al.channels[task].layer_in.get(layer.index)
         return axis_map(layout, task, lambda g: self.view(task, g)) if layout is not None else None

@@ -17,7 +17,7 @@ from .channels import analyze
 from .curve import targets_fit, trade_off_curve
 from .emit import emit
 from .errors import AlignmentError, InvalidCalibrationError, InvalidOptionsError
-from .load import (InputSpec, check_model, default_opset, input_specs, load_calibration, load_labels,
+from .load import (InputSpec, check_calibration_arrays, check_model, default_opset, input_specs, load_calibration, load_labels,
                    load_model)
 from .options import MergeOptions, parse_options
 from .opsets import harmonize_opsets, to_opset
@@ -158,16 +158,7 @@ def _shape(spec: InputSpec) -> str:
 
 def _calibration(calibration, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     if isinstance(calibration, dict):
-        import io
-        buffer = io.BytesIO()
-        np.savez(buffer, **calibration)
-        import tempfile, os
-        with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
-            f.write(buffer.getvalue())
-        try:
-            return load_calibration(f.name, specs)
-        finally:
-            os.unlink(f.name)
+        return check_calibration_arrays(calibration, specs)
     return load_calibration(str(calibration), specs)
 
 

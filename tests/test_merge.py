@@ -242,3 +242,14 @@ def test_activations_spilled_to_disk_give_the_same_merged_model(tmp_path, monkey
     for name, value in run(in_memory, test).items():
         np.testing.assert_array_equal(run(spilled, test)[name], value)
     assert not list(tmp_path.rglob("*.npy"))  # nothing left behind
+
+
+def test_calibration_given_as_arrays_gets_the_same_checks_as_a_file():
+    d = case("mlp_legacy")
+    with np.load(d / "calib.npz") as f:
+        x = f["input"].copy()
+    x[0, 3] = np.nan
+    with pytest.raises(onnxzip.InvalidCalibrationError, match="NaN"):
+        onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], {"input": x})
+    with pytest.raises(onnxzip.InvalidCalibrationError, match="no array for model input"):
+        onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], {"pixels": x})
