@@ -99,7 +99,8 @@ def own_weights(side: TaskSide, options) -> np.ndarray:
 
 
 class _Space:
-    """The tasks' Hessians and weights embedded in the union input space."""
+    """The tasks' Hessians and weights embedded in the union input space, and one Cholesky factor
+    per set of tasks whose Hessians are summed (pairing and merging need the same sums)."""
 
     def __init__(self, sides: list[TaskSide], damping: float):
         self.d = sides[0].union_dim()
@@ -107,6 +108,14 @@ class _Space:
         self.h = {s.task: _embed(s.moments.hessian(s.weight), self.cols[s.task], self.d) for s in sides}
         self.hd = {t: pairing.damp(h, damping) for t, h in self.h.items()}
         self.w = {s.task: _embed_rows(s.flat(), self.cols[s.task], self.d) for s in sides}
+        self._solvers: dict[frozenset, pairing.SPDSolver] = {}
+
+    def solver(self, tasks) -> pairing.SPDSolver:
+        """SPDSolver of the sum of these tasks' damped Hessians, factored once."""
+        key = frozenset(tasks)
+        if key not in self._solvers:
+            self._solvers[key] = pairing.SPDSolver(sum(self.hd[t] for t in sorted(key)))
+        return self._solvers[key]
 
 
 def pair_tasks(sides: list[TaskSide], space: _Space, k: int, epsilon: Optional[float], pairing_mode: str,
@@ -118,10 +127,12 @@ def pair_tasks(sides: list[TaskSide], space: _Space, k: int, epsilon: Optional[f
     index = [{first.task: i} for i in range(first.layer.width)]
     costs = np.zeros(first.layer.width)
     joint_w, joint_h = space.w[first.task].copy(), space.hd[first.task]
+    zipped = [first.task]
     for side in sides[1:]:
         t = side.task
         hs, ws = space.hd[t], space.w[t]
-        solve = pairing.SPDSolver(joint_h + hs)
+        zipped.append(t)
+        solve = space.solver(zipped)  # joint_h + hs
         d = pairing.pair_costs(joint_w, ws, joint_h, hs, solve)
         if pairing_mode == "random":
             rows, cols = pairing.random_pairs(*d.shape, rng)
@@ -165,8 +176,9 @@ def zip_layer(sides: list[TaskSide], k: int, options, tasks: list[str], rng: np.
     shared = _shared_weights(view, sides, space, options)
     weights = {}
     for side in sides:
-        own = own_weights(side, options)
         order, to_union = view.order(side.task), view.to_union[side.task]
+        # neurons that stay the task's own (none at full share: skip their refit)
+        own = own_weights(side, options) if any(int(u) not in shared for u in to_union) else None
         w = np.empty((len(order), len(space.cols[side.task])))
         for r, neuron in enumerate(order):
             u = int(to_union[neuron])
@@ -192,7 +204,7 @@ def _shared_weights(view: GroupView, sides, space: _Space, options) -> dict[int,
     for owners, channels in by_set.items():
         members = [_members(view, u) for u in channels]
         tasks = sorted(owners)
-        solve = pairing.SPDSolver(sum(space.hd[t] for t in tasks))
+        solve = space.solver(tasks)
         rhs = sum(space.hd[t] @ space.w[t][:, [m[t] for m in members]] for t in tasks)
         merged = pairing.merged_weights(solve, rhs)
         if all(calibrating(s, options) for s in sides):
@@ -214,9 +226,9 @@ def _view_costs(view: GroupView, sides, space: _Space) -> np.ndarray:
     a, b = sides[0].task, sides[1].task
     pairs = [(u, m) for u in range(view.size) if len(view.owners[u]) == 2 for m in [_members(view, u)]]
     if pairs:
-        m = space.hd[a] @ pairing.spd_solve(space.hd[a] + space.hd[b], space.hd[b])
         diff = space.w[a][:, [p[1][a] for p in pairs]] - space.w[b][:, [p[1][b] for p in pairs]]
-        costs[[p[0] for p in pairs]] = 0.5 * np.einsum("dk,dk->k", diff, m @ diff)
+        m_diff = space.hd[a] @ space.solver((a, b))(space.hd[b] @ diff)  # M diff, M never formed
+        costs[[p[0] for p in pairs]] = 0.5 * np.einsum("dk,dk->k", diff, m_diff)
     return costs
 
 
@@ -278,6 +290,8 @@ def _damp_stack(h: np.ndarray, damping: float) -> np.ndarray:
 
 
 def _embed(h: np.ndarray, cols: np.ndarray, d: int) -> np.ndarray:
+    if len(cols) == d and np.array_equal(cols, np.arange(d)):
+        return h  # the task owns every union column in order: nothing to embed
     out = np.zeros((d, d))
     out[np.ix_(cols, cols)] = h
     return out
