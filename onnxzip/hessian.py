@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from .canonicalize import Layer
+from .lowrank import LowRankHessian
 
 # Rows multiplied at once: bounds the float64 temporaries of one update.
 _CHUNK_ROWS = 8192
@@ -80,6 +81,30 @@ class Moments:
 
     def cross_moment(self, weight: float) -> np.ndarray:
         return self.cross * (weight / max(self.rows, 1))
+
+
+class RowMoments(Moments):
+    """Moments that keep the rows themselves (float64, with the 1 column) instead of their Gram, for
+    layers with fewer calibration rows than inputs: the Hessian is then low-rank plus damping and is
+    used through its rows (lowrank.py). `gram` is the rows array, shared by tasks whose inputs are
+    identical like a Gram is."""
+
+    def __init__(self, dim: int, total_rows: int, targets: Optional[int] = None,
+                 gram: Optional[np.ndarray] = None):
+        super().__init__(dim, targets, gram=np.zeros(0))
+        self.own_gram = gram is None
+        self.gram = np.empty((total_rows, dim + 1)) if gram is None else gram
+
+    def update(self, x: np.ndarray, y: Optional[np.ndarray] = None) -> None:
+        if self.own_gram:
+            self.gram[self.rows:self.rows + len(x), :-1] = x
+            self.gram[self.rows:self.rows + len(x), -1] = 1.0
+        own, self.own_gram = self.own_gram, False  # cross moments as usual, no Gram
+        super().update(x, y)
+        self.own_gram = own
+
+    def hessian(self, weight: float) -> LowRankHessian:
+        return LowRankHessian.of_rows(self.gram, weight / max(self.rows, 1))
 
 
 class KroneckerMoments(Moments):

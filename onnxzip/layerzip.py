@@ -16,6 +16,7 @@ import numpy as np
 from . import pairing
 from .canonicalize import Layer
 from .hessian import Moments
+from .lowrank import LowRankHessian
 from .views import AxisMap, GroupView
 
 
@@ -67,9 +68,9 @@ def refit(side: TaskSide, damping: float) -> np.ndarray:
     """Least squares of the layer's ORIGINAL pre-activations on its inputs in the merged model,
     ridge-pulled toward the original weights (so exact inputs give back exact weights)."""
     g = side.moments.hessian(1.0)
-    ridge = pairing.damp(g, damping) - g
-    rhs = side.moments.cross_moment(1.0) + ridge @ side.flat()
-    return pairing.spd_solve(g + ridge, rhs)
+    ridge = pairing.damping_amount(g, damping)
+    rhs = side.moments.cross_moment(1.0) + ridge * side.flat()
+    return pairing.spd_solve(pairing.add_identity(g, ridge), rhs)
 
 
 def task_only(side: TaskSide, order: np.ndarray, options) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +106,11 @@ class _Space:
     def __init__(self, sides: list[TaskSide], damping: float):
         self.d = sides[0].union_dim()
         self.cols = {s.task: s.columns() for s in sides}
-        self.h = {s.task: _embed(s.moments.hessian(s.weight), self.cols[s.task], self.d) for s in sides}
-        self.hd = {t: pairing.damp(h, damping) for t, h in self.h.items()}
+        self.lam, self.hd = {}, {}  # each task's damping and damped Hessian (the undamped one is not kept)
+        for s in sides:
+            h = _embed(s.moments.hessian(s.weight), self.cols[s.task], self.d)
+            self.lam[s.task] = pairing.damping_amount(h, damping)
+            self.hd[s.task] = pairing.add_identity(h, self.lam[s.task])
         self.w = {s.task: _embed_rows(s.flat(), self.cols[s.task], self.d) for s in sides}
         self._solvers: dict[frozenset, pairing.SPDSolver] = {}
 
@@ -211,8 +215,8 @@ def _shared_weights(view: GroupView, sides, space: _Space, options) -> dict[int,
             side_weight = {s.task: s.weight for s in sides}
             fit = sum(_embed_rows(cross[t].cross_moment(side_weight[t])[:, [m[t] for m in members]],
                                   space.cols[t], space.d) for t in tasks)
-            ridge = sum(space.hd[t] - space.h[t] for t in tasks)
-            merged = solve(fit + ridge @ merged)
+            ridge = sum(space.lam[t] for t in tasks)  # hd - h: the damping on the diagonal
+            merged = solve(fit + ridge * merged)
         for i, u in enumerate(channels):
             out[u] = merged[:, i]
     return out
@@ -290,6 +294,8 @@ def _damp_stack(h: np.ndarray, damping: float) -> np.ndarray:
 
 
 def _embed(h: np.ndarray, cols: np.ndarray, d: int) -> np.ndarray:
+    if isinstance(h, LowRankHessian):
+        return h.embed(cols, d)
     if len(cols) == d and np.array_equal(cols, np.arange(d)):
         return h  # the task owns every union column in order: nothing to embed
     out = np.zeros((d, d))

@@ -10,13 +10,31 @@ import numpy as np
 import scipy.linalg
 from scipy.optimize import linear_sum_assignment
 
+from .lowrank import LowRankHessian
 
-def damp(h: np.ndarray, damping: float) -> np.ndarray:
-    """H + lambda * mean(diag(H)) * I: keeps solves stable where calibration does not span the input."""
-    scale = float(np.mean(np.diag(h))) if h.size else 0.0
+
+def damping_amount(h, damping: float) -> float:
+    """lambda * mean(diag(H)): the ridge that keeps solves stable where calibration does not span
+    the input (lambda itself when H is zero)."""
+    if isinstance(h, LowRankHessian):
+        scale = h.mean_diag()
+    else:
+        scale = float(np.mean(np.diag(h))) if h.size else 0.0
+    return damping * scale if scale > 0 else damping
+
+
+def add_identity(h, amount: float):
+    """H + amount * I (a new matrix or low-rank Hessian)."""
+    if isinstance(h, LowRankHessian):
+        return h.plus_identity(amount)
     out = h.copy()
-    out[np.diag_indices_from(out)] += damping * scale if scale > 0 else damping
+    out[np.diag_indices_from(out)] += amount
     return out
+
+
+def damp(h, damping: float):
+    """H + lambda * mean(diag(H)) * I."""
+    return add_identity(h, damping_amount(h, damping))
 
 
 class SPDSolver:
@@ -24,12 +42,17 @@ class SPDSolver:
 
     def __init__(self, h: np.ndarray):
         self.h = h
+        self.woodbury = h.solver() if isinstance(h, LowRankHessian) else None
+        if self.woodbury is not None:
+            return
         try:
             self.factor = scipy.linalg.cho_factor(h, lower=True, check_finite=False)
         except (np.linalg.LinAlgError, ValueError):
             self.factor = None  # not numerically SPD: least squares below
 
     def __call__(self, rhs: np.ndarray) -> np.ndarray:
+        if self.woodbury is not None:
+            return self.woodbury(rhs)
         if self.factor is not None:
             return scipy.linalg.cho_solve(self.factor, rhs, check_finite=False)
         return np.linalg.lstsq(self.h, rhs, rcond=None)[0]

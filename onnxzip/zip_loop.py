@@ -15,7 +15,7 @@ from .canonicalize import CanonicalModel, Layer
 from .capture import Frontier, same_values, segment_nodes
 from .devicegram import DeviceMoments
 from .errors import CancelledError, InvalidOptionsError
-from .hessian import ChannelMoments, KroneckerMoments, Moments, layer_rows, output_rows
+from .hessian import ChannelMoments, KroneckerMoments, Moments, RowMoments, layer_rows, output_rows
 from .layerzip import TaskSide, ZipResult, task_only, zip_layer
 from .options import MergeOptions
 from .runtime import default_providers
@@ -23,6 +23,10 @@ from .state import ZipState
 from .tied import TiedStats
 
 Progress = Callable[[str, float, str], None]  # (stage, fraction of that stage, message)
+
+# A layer with fewer calibration rows than this times its inputs keeps its rows instead of a Gram
+# (low-rank Hessian, lowrank.py): cheaper in memory and in solves below 1, same math at any value.
+ROWS_MODE_BELOW = 1.0
 
 
 @dataclass
@@ -298,14 +302,18 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
         shared_gram = twin.moments.gram if twin is not None else None
         if twin is not None:  # one copy of the trunk's tensor in memory, not one per task
             merged.store[layer.input] = x = twin.inputs
-        if _device_hessians(options, merged.providers) and options.hessian == "full":
+        rows_total = len(x) * len(layer_rows(layer, x[:1]))
+        if rows_total < ROWS_MODE_BELOW * (dim + 1) and options.damping > 0 and options.hessian == "full":
+            # fewer calibration rows than inputs (VGG's 25,088-wide fc1): keep the rows, not a d x d Gram
+            moments = RowMoments(dim, rows_total, layer.width if options.calibrate else None, gram=shared_gram)
+        elif _device_hessians(options, merged.providers) and options.hessian == "full":
             moments = DeviceMoments(layer, options.calibrate, merged.providers, shared_gram,
                                     (w, b, flat.lo, flat.hi) if flat is not None else None)
             for start in range(0, len(x), options.batch_size):
                 part = slice(start, start + options.batch_size)
                 moments.update_batch(x[part], y[part] if options.calibrate else None)
             return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)
-        if options.hessian == "channel" and layer.kind == "conv" and int(np.prod(layer.kernel)) > 1:
+        elif options.hessian == "channel" and layer.kind == "conv" and int(np.prod(layer.kernel)) > 1:
             moments = KroneckerMoments(int(layer.weight.shape[1]), int(np.prod(layer.kernel)),
                                        layer.width if options.calibrate else None, gram=shared_gram)
         else:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from conftest import run
 from onnxzip import pairing
 from onnxzip.canonicalize import canonicalize
 from onnxzip.hessian import Moments, im2col
+from onnxzip.lowrank import LowRankHessian
 
 
 def _spd(d: int, rng) -> np.ndarray:
@@ -25,6 +27,29 @@ def test_all_pair_costs_from_one_product_equal_the_per_pair_definition():
     fast = pairing.pair_costs(a, b, ha, hb)
     slow = pairing.pair_cost_loop(a, b, ha, hb)
     np.testing.assert_allclose(fast, slow, rtol=1e-8, atol=1e-10)
+
+
+def test_low_rank_hessians_give_the_dense_results_through_their_rows():
+    """Fewer rows than inputs: pair costs, damping and solves through the rows (Woodbury) equal
+    the ones on the formed d x d matrices, also for a shared (twin) row set and a wider union space."""
+    rng = np.random.default_rng(3)
+    d, n = 40, 6
+    xa, xb = rng.normal(size=(12, d)), rng.normal(size=(15, d))
+    low = {"a": LowRankHessian.of_rows(xa, 0.3), "b": LowRankHessian.of_rows(xb, 0.7),
+           "twin": LowRankHessian.of_rows(xa, 0.7)}
+    dense = {"a": 0.3 * xa.T @ xa, "b": 0.7 * xb.T @ xb, "twin": 0.7 * xa.T @ xa}
+    a, b = rng.normal(size=(d, n)), rng.normal(size=(d, n))
+    for other in ("b", "twin"):
+        la, lo = pairing.damp(low["a"], 1e-2), pairing.damp(low[other], 1e-2)
+        da, do = pairing.damp(dense["a"], 1e-2), pairing.damp(dense[other], 1e-2)
+        assert pairing.damping_amount(low["a"], 1e-2) == pytest.approx(pairing.damping_amount(dense["a"], 1e-2))
+        np.testing.assert_allclose(pairing.pair_costs(a, b, la, lo), pairing.pair_costs(a, b, da, do), rtol=1e-8)
+        np.testing.assert_allclose(pairing.SPDSolver(la + lo)(a), np.linalg.solve(da + do, a), rtol=1e-7)
+    assert len((low["a"] + low["twin"]).terms) == 1  # one row set, coefficients added
+    cols = np.array([0, 2, 3, 5] + list(range(7, d + 3)))
+    wide = np.zeros((d + 3, d + 3))
+    wide[np.ix_(cols, cols)] = dense["b"]
+    np.testing.assert_allclose(low["b"].embed(cols, d + 3) @ np.eye(d + 3), wide, atol=1e-12)
 
 
 def test_assignment_finds_a_hidden_permutation():

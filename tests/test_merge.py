@@ -253,3 +253,32 @@ def test_calibration_given_as_arrays_gets_the_same_checks_as_a_file():
         onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], {"input": x})
     with pytest.raises(onnxzip.InvalidCalibrationError, match="no array for model input"):
         onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], {"pixels": x})
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_layers_with_fewer_calibration_rows_than_inputs_keep_rows_and_merge_as_with_a_dense_gram(share, monkeypatch):
+    """48 calibration samples for 64- and 300-wide fully connected layers: those Hessians are kept as
+    their rows (low-rank + damping, as VGG's 25,088-wide fc1 needs) and give the dense path's model."""
+    from onnxzip import hessian, zip_loop
+
+    d = case("mlp_legacy")
+    with np.load(d / "calib.npz") as z:
+        calib = {k: z[k][:48] for k in z.files}
+    used = []
+
+    class Recorded(hessian.RowMoments):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            used.append(self)
+
+    monkeypatch.setattr(zip_loop, "RowMoments", Recorded)
+    models = [str(d / "a.onnx"), str(d / "b.onnx")]
+    options = {"share": share, "holdout": 0.0}
+    rows_model, _ = onnxzip.merge(models, calib, options)
+    assert len(used) >= 2  # both tasks' first layers (64 inputs + bias > 48 rows)
+    monkeypatch.setattr(zip_loop, "ROWS_MODE_BELOW", 0.0)  # always form the d x d Gram
+    dense_model, _ = onnxzip.merge(models, calib, options)
+    test = load_test_split("mlp_legacy")
+    got, want = run(rows_model, test), run(dense_model, test)
+    for name in want:
+        assert rel_err(got[name], want[name]) < 1e-4, name
