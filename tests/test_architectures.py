@@ -73,9 +73,12 @@ def _merge_case(name: str, tasks="ab", **options):
     return onnxzip.merge([str(d / f"{t}.onnx") for t in tasks], str(d / "calib.npz"), options)
 
 
-@pytest.mark.parametrize("name", ["cnn_nhwc"])
+@pytest.mark.parametrize("name", ["cnn_nhwc", "resnet_wide_legacy", "mobilenet_wide_legacy"])
 def test_trained_pair_full_share_keeps_accuracy(name):
-    """An NHWC pair (tf2onnx-style Transposes, NHWC flatten), no labels: the issue's bounds."""
+    """No labels, every hidden layer shared: the issue's bounds (mean <= 1.5 points, each <= 3) for an
+    NHWC pair (tf2onnx-style Transposes, NHWC flatten), a residual pair (projection shortcuts) and a
+    depthwise/ReLU6 pair, the last two at a width with room for two tasks (2x and 3x the narrow
+    pairs below, which show the capacity limit)."""
     merged, report = _merge_case(name, share=1.0)
     drops = _drops(name, merged)
     assert np.mean(list(drops.values())) <= 1.5, drops
@@ -84,9 +87,10 @@ def test_trained_pair_full_share_keeps_accuracy(name):
     assert sum(r["shareable"] for r in report["layers"]) == len(report["layers"]) - 1
 
 
-# (mean, worst) accuracy-drop caps measured today. Known gap: the issue asks for <= 1.5 / <= 3;
-# the closed form without retraining reaches about 2 / 2.5 on the ResNet pair and 6-7 on this narrow
-# MobileNet (16-32 channel bottlenecks). The caps pin today's level so it cannot silently get worse.
+# (mean, worst) accuracy-drop caps measured today on NARROW nets (16-64 channels): the closed form
+# without retraining reaches about 2 / 2 on this ResNet pair and 6-7 on this MobileNet (16-32
+# channel bottlenecks), where the same architectures at 2x / 3x width meet <= 1.5 / <= 3 (test
+# above): two tasks need spare capacity. The caps pin today's level so it cannot silently get worse.
 MEASURED_GAP = {"resnet_legacy": (2.5, 3.0), "resnet_dynamo": (2.5, 3.0),
                 "mobilenet_legacy": (7.5, 8.0), "mobilenet_dynamo": (7.5, 8.0)}
 
@@ -102,13 +106,15 @@ def test_residual_and_depthwise_pairs_stay_within_the_measured_gap(name):
     assert all(r["shared"] == min(r["widths"].values()) for r in report["layers"] if r["shareable"])
 
 
-def test_three_models_merge_into_one_with_an_output_per_task():
-    merged, report = _merge_case("three_tasks_legacy", tasks="abc", share=1.0)
+@pytest.mark.parametrize("name, mean_cap", [("resnet_wide_legacy", 1.5), ("three_tasks_legacy", 2.5)])
+def test_three_models_merge_into_one_with_an_output_per_task(name, mean_cap):
+    """Three tasks zipped one after the other into one trunk. The wide ResNets meet the issue's
+    bounds; the narrow ones (known gap, capacity) reach a mean of about 1.9 points."""
+    merged, report = _merge_case(name, tasks="abc", share=1.0)
     assert [o.name for o in merged.graph.output] == ["a/logits", "b/logits", "c/logits"]
-    drops = _drops("three_tasks_legacy", merged, tasks="abc")
+    drops = _drops(name, merged, tasks="abc")
     assert max(drops.values()) <= 3.0, drops
-    # known gap: the mean is about 1.9 points where the issue asks for 1.5
-    assert np.mean(list(drops.values())) <= 2.5, drops
+    assert np.mean(list(drops.values())) <= mean_cap, drops
     assert report["totals"]["param_ratio"] > 2.8  # three models stored as about one
 
 
