@@ -99,7 +99,9 @@ import onnxzip
 paths, calib, options = sys.argv[1:3], sys.argv[3], json.loads(sys.argv[4])
 start = time.perf_counter()
 def progress(stage, fraction, message):
-    print(f"{time.perf_counter() - start:8.1f}s {stage:<12} {fraction:5.2f} {message}", file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB so far: where the peak happens
+    print(f"{time.perf_counter() - start:8.1f}s {peak:6.2f}GiB {stage:<12} {fraction:5.2f} {message}",
+          file=sys.stderr, flush=True)
 model, report = onnxzip.merge(paths, calib, options, progress=progress)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
