@@ -63,15 +63,15 @@ class LowRankHessian:
         """The same Hessian on a wider (union) input space: the given columns, zeros elsewhere."""
         if len(cols) == d and np.array_equal(cols, np.arange(d)):
             return self
+        # lam * I on the task's own columns only would not be low-rank + scalar; an undamped
+        # Hessian (lam = 0), which is what gets embedded, has no such part
+        if self.lam:
+            raise ValueError("embed the undamped Hessian, then damp it")
         terms = []
         for x, c in self.terms:
             wide = np.zeros((len(x), d))
             wide[:, cols] = x
             terms.append((wide, c))
-        # lam * I on the task's own columns only would not be low-rank + scalar; an undamped
-        # Hessian (lam = 0), which is what gets embedded, has no such part
-        if self.lam:
-            raise ValueError("embed the undamped Hessian, then damp it")
         return LowRankHessian(terms, 0.0, d)
 
     def solver(self) -> "WoodburySolver":
