@@ -157,7 +157,7 @@ def pair_tasks(sides: list[TaskSide], space: _Space, k: int, epsilon: Optional[f
         index += [{t: int(j)} for j in alone]
         costs = np.concatenate([costs, np.zeros(len(alone))])
         joint_w = np.hstack([joint_w, ws[:, alone]])
-        joint_h = joint_h + hs
+        joint_h = solve.h  # the sum the solver factored
     view = GroupView.build([(frozenset(o), i) for o, i in zip(owners, index)], tasks)
     order = sorted(range(len(owners)), key=lambda u: view.to_union[next(iter(index[u]))][next(iter(index[u].values()))])
     return view, costs[order]
@@ -294,10 +294,10 @@ def _damp_stack(h: np.ndarray, damping: float) -> np.ndarray:
 
 
 def _embed(h: np.ndarray, cols: np.ndarray, d: int) -> np.ndarray:
-    if isinstance(h, LowRankHessian):
-        return h.embed(cols, d)
     if len(cols) == d and np.array_equal(cols, np.arange(d)):
         return h  # the task owns every union column in order: nothing to embed
+    if isinstance(h, LowRankHessian):
+        return h.embed(cols, d)
     out = np.zeros((d, d))
     out[np.ix_(cols, cols)] = h
     return out

@@ -61,8 +61,6 @@ class LowRankHessian:
 
     def embed(self, cols: np.ndarray, d: int) -> "LowRankHessian":
         """The same Hessian on a wider (union) input space: the given columns, zeros elsewhere."""
-        if len(cols) == d and np.array_equal(cols, np.arange(d)):
-            return self
         # lam * I on the task's own columns only would not be low-rank + scalar; an undamped
         # Hessian (lam = 0), which is what gets embedded, has no such part
         if self.lam:

@@ -32,11 +32,6 @@ def add_identity(h, amount: float):
     return out
 
 
-def damp(h, damping: float):
-    """H + lambda * mean(diag(H)) * I."""
-    return add_identity(h, damping_amount(h, damping))
-
-
 class SPDSolver:
     """Factor a symmetric positive definite H once (Cholesky), solve for many right-hand sides."""
 

@@ -138,14 +138,16 @@ class _OrderlyStop:
     def _stop_now(self, signum, frame):
         horse = self.horse_pid
         if horse:
-            if self._merge_job is not None:
-                # Freeze the horse, hand the job back, then end it. Frozen, it can write nothing but
-                # is still alive, so no lease sweep (the API's, another pool's) sees a dead worker in
-                # between and requeues the job as lost, which would spend an attempt.
-                _signal(horse, signal.SIGSTOP)
-                _hand_back(self.merge_store, self.merge_artifacts, self._merge_job, horse)
-            self.kill_horse()
-            self.wait_for_horse()
+            try:
+                if self._merge_job is not None:
+                    # Freeze the horse, hand the job back, then end it. Frozen, it can write nothing
+                    # but is still alive, so no lease sweep (the API's, another pool's) sees a dead
+                    # worker in between and requeues the job as lost, which would spend an attempt.
+                    _signal(horse, signal.SIGSTOP)
+                    _hand_back(self.merge_store, self.merge_artifacts, self._merge_job, horse)
+            finally:  # Redis unreachable: the lease sweep requeues the job later; the horse still ends
+                self.kill_horse()
+                self.wait_for_horse()
         raise SystemExit(0)
 
 

@@ -40,8 +40,8 @@ def test_low_rank_hessians_give_the_dense_results_through_their_rows():
     dense = {"a": 0.3 * xa.T @ xa, "b": 0.7 * xb.T @ xb, "twin": 0.7 * xa.T @ xa}
     a, b = rng.normal(size=(d, n)), rng.normal(size=(d, n))
     for other in ("b", "twin"):
-        la, lo = pairing.damp(low["a"], 1e-2), pairing.damp(low[other], 1e-2)
-        da, do = pairing.damp(dense["a"], 1e-2), pairing.damp(dense[other], 1e-2)
+        la, lo, da, do = (pairing.add_identity(h, pairing.damping_amount(h, 1e-2))
+                          for h in (low["a"], low[other], dense["a"], dense[other]))
         assert pairing.damping_amount(low["a"], 1e-2) == pytest.approx(pairing.damping_amount(dense["a"], 1e-2))
         np.testing.assert_allclose(pairing.pair_costs(a, b, la, lo), pairing.pair_costs(a, b, da, do), rtol=1e-8)
         np.testing.assert_allclose(pairing.SPDSolver(la + lo)(a), np.linalg.solve(da + do, a), rtol=1e-7)
