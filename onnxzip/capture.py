@@ -9,6 +9,7 @@ remaining target can need are dropped.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import weakref
@@ -97,7 +98,7 @@ class _SpillWriter:
                                                          "fortran_order": False, "shape": shape})
 
     def __setitem__(self, part: slice, array: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).data)  # no extra copy
 
     def close(self) -> Spilled:
         self.file.close()
@@ -115,14 +116,71 @@ def same_values(a, b, chunk: int = 16) -> bool:
     return all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, len(a), chunk))
 
 
+def segment_key(nodes: list[gs.Node], stored: dict[str, object], outputs: list[str],
+                subs: Substitutions) -> Optional[tuple]:
+    """What a segment computes, independent of tensor names: each node's op, attributes and inputs,
+    an input being a stored tensor (by object identity), a constant (by its values, substitutions
+    applied) or an earlier node's output (by position). Two segments with the same key compute the
+    same values: a trunk shared by every task's merged model is computed once (SegmentCache).
+    None when an attribute is not a plain value (no reuse then, never a wrong one)."""
+    token: dict[str, tuple] = {name: ("stored", id(value)) for name, value in stored.items()}
+    parts = []
+    for i, node in enumerate(nodes):
+        inputs = []
+        for t in node.inputs:
+            if not t.name:
+                inputs.append(None)
+            elif t.name in token:
+                inputs.append(token[t.name])
+            elif isinstance(t, gs.Constant):
+                values = np.asarray(subs.get(t.name, t.values))
+                inputs.append(("const", values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest()))
+            else:
+                return None
+        attrs = sorted(node.attrs.items())
+        if not all(_plain(v) for _, v in attrs):
+            return None
+        parts.append((node.op, node.domain or "", repr(attrs), tuple(inputs)))
+        for j, out in enumerate(node.outputs):
+            token[out.name] = ("node", i, j)
+    return tuple(parts), tuple(token[o] for o in outputs)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (int, float, str, bytes, bool))
+
+
+class SegmentCache:
+    """The last few segments computed by any of the frontiers sharing it, by segment_key."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: dict[tuple, list] = {}
+
+    def get(self, key) -> Optional[list]:
+        return self.entries.get(key) if key is not None else None
+
+    def put(self, key, values: list) -> None:
+        if key is None:
+            return
+        self.entries[key] = values
+        while len(self.entries) > self.size:  # oldest first: dicts keep insertion order
+            del self.entries[next(iter(self.entries))]
+
+
 class Frontier:
     """Tensors of one model variant over the whole calibration set, advanced segment by segment.
 
-    Tensors larger than `spill_bytes` are kept on disk in `spill_dir` (see Spilled)."""
+    Tensors larger than `spill_bytes` are kept on disk in `spill_dir` (see Spilled). Frontiers
+    given one `cache` reuse each other's results for segments that compute the same values."""
 
     def __init__(self, model: CanonicalModel, feeds: dict[str, np.ndarray], providers, batch_size: int,
-                 spill_dir: Optional[str] = None, spill_bytes: float = float("inf")):
+                 spill_dir: Optional[str] = None, spill_bytes: float = float("inf"),
+                 cache: Optional[SegmentCache] = None):
         self.model = model
+        self.cache = cache
         self.store: dict[str, np.ndarray] = {k: v for k, v in feeds.items()
                                              if k in {i.name for i in model.inputs}}
         self.n = len(next(iter(feeds.values())))
@@ -130,22 +188,45 @@ class Frontier:
         self.batch_size = model.fixed_batch or batch_size
         self.spill_dir, self.spill_bytes = spill_dir, spill_bytes
 
-    def compute(self, wanted: list[str], subs_for: SubstitutionsFor) -> list:
+    def compute(self, wanted: list[str], subs_for: SubstitutionsFor, like: Optional[dict] = None) -> list:
         """Compute the `wanted` tensors from the store (running only the nodes in between), keep them
-        in the store and return them."""
+        in the store and return them.
+
+        `like` maps a wanted name to another variant's tensor it probably equals (every task's merged
+        model computes the same shared trunk). While each batch matches, nothing is stored; if all
+        do, the store keeps that very object: one copy in memory, nothing written to disk twice."""
         missing = [w for w in wanted if w not in self.store]
         if missing:
             nodes = segment_nodes(self.model.graph, set(self.store), missing)
             used = sorted({t.name for n in nodes for t in n.inputs if t.name in self.store})
-            session = make_session(segment_model(self.model, nodes, used, missing, subs_for(nodes)), self.providers)
+            subs = subs_for(nodes)
+            key = (segment_key(nodes, {k: self.store[k] for k in used}, missing, subs)
+                   if self.cache is not None else None)
+            known = self.cache.get(key) if self.cache is not None else None
+            if known is not None:
+                self.store.update(zip(missing, known))
+                return [self.store.get(w) for w in wanted]
+            session = make_session(segment_model(self.model, nodes, used, missing, subs), self.providers)
+            like = {k: v for k, v in (like or {}).items() if k in missing and v is not None and len(v) == self.n}
             results = {}
             for part, arrays in run_batched(session, {k: self.store[k] for k in used}, missing,
                                             self.batch_size):
                 for name, array in zip(missing, arrays):
-                    if name not in results:
+                    if name in like:
+                        if like[name].shape[1:] == array.shape[1:] and np.array_equal(like[name][part], array):
+                            continue
+                        results[name] = self._allocate(name, (self.n,) + array.shape[1:], array.dtype)
+                        for start in range(0, part.start, self.batch_size):  # the batches that matched
+                            done = slice(start, min(part.start, start + self.batch_size))
+                            results[name][done] = like[name][done]
+                        del like[name]
+                    elif name not in results:
                         results[name] = self._allocate(name, (self.n,) + array.shape[1:], array.dtype)
                     results[name][part] = array
+            results.update(like)  # every batch matched
             self.store.update({k: v.close() if isinstance(v, _SpillWriter) else v for k, v in results.items()})
+            if self.cache is not None:
+                self.cache.put(key, [self.store[m] for m in missing])
         return [self.store.get(w) for w in wanted]
 
     def _allocate(self, name: str, shape: tuple, dtype):

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(spreads past the edge; default 1.0)")
     m.add_argument("--hessian", choices=["full", "channel"],
                    help="conv Hessians over whole patches (default) or per channel (C x C, cheaper, approximate)")
+    m.add_argument("--hessian-rows", type=_rows_cap, metavar="N|all",
+                   help="at most N calibration rows per layer feed its Hessian, a random subset of "
+                        "positions but at least 16 per input (default 32768); 'all' uses every row")
     m.add_argument("--spill-mb", type=float,
                    help="activations larger than this wait on disk between layers (default 256)")
     m.add_argument("--holdout", type=float, default=0.2,
@@ -108,7 +111,19 @@ def _options(args) -> dict:
         opts["tasks"] = [t.strip() for t in args.tasks.split(",")]
     if args.providers:
         opts["providers"] = [p.strip() for p in args.providers.split(",")]
-    return {k: v for k, v in opts.items() if v is not None}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if args.hessian_rows is not None:
+        opts["hessian_rows"] = None if args.hessian_rows == "all" else args.hessian_rows
+    return opts
+
+
+def _rows_cap(text: str):
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a row count such as 32768, or 'all'; got {text!r}") from None
 
 
 class _Bars:

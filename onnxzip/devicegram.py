@@ -29,8 +29,9 @@ def _one_hot_filters(channels: int, kernel: tuple[int, int]) -> np.ndarray:
     return filters
 
 
-def gram_model(layer: Layer, targets: bool, flat=None, opset: int = 13) -> onnx.ModelProto:
-    """x [, y] -> rows, sums of x, X^T X [, sums of y, X^T Y], with X the layer's input rows.
+def gram_model(layer: Layer, targets: bool, flat=None, sampled: bool = False, opset: int = 13) -> onnx.ModelProto:
+    """x [, y] [, index] -> rows, sums of x, X^T X [, sums of y, X^T Y], with X the layer's input rows
+    (only those at `index` when `sampled`, as hessian.RowSample hands them out).
 
     `flat` = (w, b, lo, hi): adjust the targets for a following ReLU/Clip as FlatRange.targets does,
     with the original neurons' response computed on the device too.
@@ -50,8 +51,10 @@ def gram_model(layer: Layer, targets: bool, flat=None, opset: int = 13) -> onnx.
         rows_of = "x"
     inits.append(numpy_helper.from_array(np.array([-1, d], np.int64), "shape_x"))
     inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
-    nodes += [helper.make_node("Reshape", [rows_of, "shape_x"], ["X"]),
-              helper.make_node("Gemm", ["X", "X"], ["xtx"], transA=1),
+    nodes.append(helper.make_node("Reshape", [rows_of, "shape_x"], ["X_all" if sampled else "X"]))
+    if sampled:
+        nodes.append(helper.make_node("Gather", ["X_all", "index"], ["X"], axis=0))
+    nodes += [helper.make_node("Gemm", ["X", "X"], ["xtx"], transA=1),
               helper.make_node("ReduceSum", ["X", "axis0"], ["xsum"], keepdims=0),
               helper.make_node("Shape", ["X"], ["xshape"]),
               helper.make_node("Gather", ["xshape", "axis0"], ["rows"])]
@@ -67,11 +70,15 @@ def gram_model(layer: Layer, targets: bool, flat=None, opset: int = 13) -> onnx.
         if layer.kind == "conv":
             nodes.append(helper.make_node("Transpose", [y_rows], ["y_nhwc"], perm=[0, 2, 3, 1]))
             y_rows = "y_nhwc"
-        nodes += [helper.make_node("Reshape", [y_rows, "shape_y"], ["Y"]),
-                  helper.make_node("Gemm", ["X", "Y"], ["xty"], transA=1),
+        nodes.append(helper.make_node("Reshape", [y_rows, "shape_y"], ["Y_all" if sampled else "Y"]))
+        if sampled:
+            nodes.append(helper.make_node("Gather", ["Y_all", "index"], ["Y"], axis=0))
+        nodes += [helper.make_node("Gemm", ["X", "Y"], ["xty"], transA=1),
                   helper.make_node("ReduceSum", ["Y", "axis0"], ["ysum"], keepdims=0)]
         inputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("xty", "ysum")]
+    if sampled:
+        inputs.append(helper.make_tensor_value_info("index", TensorProto.INT64, [None]))
     graph = helper.make_graph(nodes, "gram", inputs, outputs, initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
 
@@ -104,19 +111,26 @@ def _flat_range_nodes(layer: Layer, w: np.ndarray, b: np.ndarray, lo: np.ndarray
 class DeviceMoments:
     """Moments with the same interface as hessian.Moments, accumulated by onnxruntime on its device."""
 
-    def __init__(self, layer: Layer, targets: bool, providers, gram: Optional[np.ndarray] = None, flat=None):
+    def __init__(self, layer: Layer, targets: bool, providers, gram: Optional[np.ndarray] = None, flat=None,
+                 sampled: bool = False):
         d = int(np.prod(layer.weight.shape[1:]))
-        self.session = make_session(gram_model(layer, targets, flat), providers)
+        self.session = make_session(gram_model(layer, targets, flat, sampled), providers)
+        self.sampled = sampled
         self.gram = np.zeros((d + 1, d + 1)) if gram is None else gram
         self.own_gram = gram is None
         self.cross = np.zeros((d + 1, layer.width)) if targets else None
         self.rows = 0
 
-    def update_batch(self, x: np.ndarray, y: Optional[np.ndarray] = None) -> None:
-        """x, y: a batch of the layer's input and output tensors (not rows)."""
+    def update_batch(self, x: np.ndarray, y: Optional[np.ndarray] = None, index: Optional[np.ndarray] = None) -> None:
+        """x, y: a batch of the layer's input and output tensors (not rows); index: the rows to use
+        (a sampled layer's, see hessian.RowSample)."""
+        if self.sampled and len(index) == 0:
+            return
         feeds = {"x": np.ascontiguousarray(x, np.float32)}
         if self.cross is not None:
             feeds["y"] = np.ascontiguousarray(y, np.float32)
+        if self.sampled:
+            feeds["index"] = np.asarray(index, np.int64)
         out = self.session.run(None, feeds)
         xtx, xsum, rows = out[0], out[1], int(np.asarray(out[2]).reshape(-1)[0])
         if self.own_gram:

@@ -16,25 +16,68 @@ from .lowrank import LowRankHessian
 
 # Rows multiplied at once: bounds the float64 temporaries of one update.
 _CHUNK_ROWS = 8192
+# A sampled layer keeps at least this many rows per input (see kept_rows).
+MIN_ROWS_PER_INPUT = 16
 
 
-def layer_rows(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """The rows the layer's weights see: x itself for Gemm, im2col patches for Conv."""
+def layer_rows(layer: Layer, x: np.ndarray, index: Optional[np.ndarray] = None) -> np.ndarray:
+    """The rows the layer's weights see: x itself for Gemm, im2col patches for Conv; only the rows
+    at `index` (into this batch's rows, in order) when given."""
     if layer.kind == "linear":
-        return x.reshape(len(x), -1)
+        rows = x.reshape(len(x), -1)
+        return rows if index is None else rows[index]
     attrs = layer.node.attrs
-    return im2col(x, layer.kernel, attrs["strides"], attrs["pads"], attrs["dilations"])
+    return im2col(x, layer.kernel, attrs["strides"], attrs["pads"], attrs["dilations"], index)
 
 
-def output_rows(layer: Layer, y: np.ndarray) -> np.ndarray:
+def output_rows(layer: Layer, y: np.ndarray, index: Optional[np.ndarray] = None) -> np.ndarray:
     """A layer's pre-activations as rows matching `layer_rows` (channels last)."""
     if layer.kind == "linear":
-        return y.reshape(len(y), -1)
-    return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+        rows = y.reshape(len(y), -1)
+        return rows if index is None else rows[index]
+    if index is None:
+        return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+    sample, position = np.divmod(index, y.shape[2] * y.shape[3])
+    return y[sample, :, position // y.shape[3], position % y.shape[3]]
 
 
-def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
-    """(b, C, H, W) -> (b*H_out*W_out, C*kh*kw), columns ordered like W.reshape(out, -1)."""
+def rows_per_sample(layer: Layer, x: np.ndarray) -> int:
+    """Rows one sample contributes: 1 for Gemm, H_out * W_out patches for Conv."""
+    if layer.kind == "linear":
+        return 1
+    attrs = layer.node.attrs
+    return len(im2col(x[:1, :1], layer.kernel, attrs["strides"], attrs["pads"], attrs["dilations"]))
+
+
+def kept_rows(total: int, dim: int, cap: Optional[int]) -> int:
+    """How many of a layer's `total` calibration rows feed its Hessian: all, or `cap` but never fewer
+    than MIN_ROWS_PER_INPUT per input (so the Hessian stays well determined)."""
+    if cap is None:
+        return total
+    return min(total, max(cap, MIN_ROWS_PER_INPUT * (dim + 1)))
+
+
+class RowSample:
+    """A fixed random subset of a layer's calibration rows (sample-major order, like im2col), drawn
+    from the merge seed and the layer position so that every task's layer there (and every run)
+    uses the same rows. Hands out each batch's part as indices into that batch's rows."""
+
+    def __init__(self, total: int, keep: int, per_sample: int, seed: tuple):
+        self.total, self.per_sample = total, per_sample
+        self.index = None if keep >= total else np.sort(
+            np.random.default_rng(seed).choice(total, size=keep, replace=False))
+
+    def batch(self, part: slice) -> Optional[np.ndarray]:
+        """Indices into the rows of samples part.start:part.stop, or None for all of them."""
+        if self.index is None:
+            return None
+        lo, hi = np.searchsorted(self.index, [part.start * self.per_sample, part.stop * self.per_sample])
+        return self.index[lo:hi] - part.start * self.per_sample
+
+
+def im2col(x: np.ndarray, kernel, strides, pads, dilations, index: Optional[np.ndarray] = None) -> np.ndarray:
+    """(b, C, H, W) -> (b*H_out*W_out, C*kh*kw), columns ordered like W.reshape(out, -1); only the
+    rows at `index` when given (gathered directly, the other patches are never built)."""
     b, c, h, w = x.shape
     kh, kw = kernel
     sh, sw = strides
@@ -43,6 +86,14 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(pads) else x
     ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if index is not None:
+        sample, position = np.divmod(index, ho * wo)
+        top, left = (position // wo) * sh, (position % wo) * sw
+        cols = np.empty((len(index), c, kh, kw), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, i, j] = xp[sample, :, top + i * dh, left + j * dw]
+        return cols.reshape(len(index), c * kh * kw)
     cols = np.empty((b, ho, wo, c, kh, kw), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):

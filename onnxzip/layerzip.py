@@ -33,6 +33,7 @@ class TaskSide:
     view_b: np.ndarray
     exact: bool  # the layer's inputs in the merged model equal its original inputs
     inputs: Optional[np.ndarray] = None  # the layer's inputs in the merged model (all samples)
+    available_rows: int = 0  # calibration rows the layer has (moments.rows of them feed its Hessian)
 
     @property
     def kk(self) -> int:

@@ -75,6 +75,12 @@ class MergeOptions(BaseModel):
         "full",
         description="Convolution Hessians over whole k*k*C patches (exact), or per channel (C x C, MTZ's "
         "reference-code approximation): far cheaper for very wide convolutions.")
+    hessian_rows: Optional[int] = Field(
+        32768, ge=1,
+        description="At most this many calibration rows (im2col patches) per layer feed its Hessian and "
+        "its recovery targets, a fixed random subset of positions, but never fewer than 16 per input; "
+        "null uses every row. Neighbouring patches of a big feature map are nearly alike, so a subset "
+        "costs little accuracy and saves most of the capture time on 224x224 models.")
     device_hessians: Optional[bool] = Field(
         None,
         description="Accumulate layer Hessians inside onnxruntime (on the GPU with CUDA) instead of numpy; "

@@ -96,6 +96,8 @@ def _layer_row(rec, al, emitted, inits, all_after) -> dict:
         "macs_before": sum(layer_macs(l, al.models[t].shapes) for t, l in rec.layers.items()),
         "macs_after": sum(layer_macs(l, al.models[t].shapes) for t, l in nodes.values()),
         "computed_once": len(nodes) == 1 and len(tasks) > 1,
+        "hessian_rows": rec.rows[0],  # calibration rows (samples x positions) its Hessians used
+        "available_rows": rec.rows[1],
     }
 
 

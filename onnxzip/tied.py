@@ -15,6 +15,7 @@ import onnx
 
 from . import pairing
 from .align import Alignment, JointLayer
+from .hessian import RowSample, kept_rows
 from .runtime import make_session
 from .views import GroupView
 
@@ -30,9 +31,11 @@ def tied_groups(al: Alignment) -> dict[int, list[JointLayer]]:
     return {g: js for g, js in by_group.items() if len(js) > 1}
 
 
-def _rows(y: np.ndarray) -> np.ndarray:
-    """(batch, C, ...) -> (batch * positions, C); products in float32, sums across batches float64."""
-    return np.ascontiguousarray(np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]), dtype=np.float32)
+def _rows(y: np.ndarray, index) -> np.ndarray:
+    """(batch, C, ...) -> (batch * positions, C), only the rows at `index` when given; products in
+    float32, sums across batches float64."""
+    rows = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    return np.ascontiguousarray(rows if index is None else rows[index], dtype=np.float32)
 
 
 class TiedStats:
@@ -73,12 +76,19 @@ def _collect(al: Alignment, groups: dict[int, list[JointLayer]], data: dict[str,
     batch = al.models[tasks[0]].fixed_batch or max(1, options.batch_size // 4)
     feeds = {t: {i.name: data[i.name] for i in al.models[t].inputs} for t in tasks}
     n = len(next(iter(data.values())))
+    samples: dict[int, RowSample] = {}  # per writer: the rows its statistics use (options.hessian_rows)
     for start in range(0, n, batch):
         part = slice(start, min(n, start + batch))
         outs = {t: dict(zip(names[t], sessions[t].run(names[t], {k: v[part] for k, v in feeds[t].items()})))
                 for t in tasks}
         for j in writers:
-            rows = {t: _rows(outs[t][j.layers[t].output]) for t in tasks}
+            if id(j) not in samples:
+                shape = outs[tasks[0]][j.layers[tasks[0]].output].shape
+                per_sample = int(np.prod(shape[2:]))
+                samples[id(j)] = RowSample(n * per_sample, kept_rows(n * per_sample, shape[1], options.hessian_rows),
+                                           per_sample, (options.seed, len(al.joint) + j.position))
+            index = samples[id(j)].batch(part)
+            rows = {t: _rows(outs[t][j.layers[t].output], index) for t in tasks}
             for t in tasks:
                 sq[(id(j), t)] = sq[(id(j), t)] + np.einsum("rc,rc->c", rows[t], rows[t]).astype(np.float64)
             for a, s in enumerate(tasks):

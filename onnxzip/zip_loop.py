@@ -12,10 +12,11 @@ import onnx_graphsurgeon as gs
 
 from .align import Alignment, JointLayer
 from .canonicalize import CanonicalModel, Layer
-from .capture import Frontier, same_values, segment_nodes
+from .capture import Frontier, SegmentCache, same_values, segment_nodes
 from .devicegram import DeviceMoments
 from .errors import CancelledError, InvalidOptionsError
-from .hessian import ChannelMoments, KroneckerMoments, Moments, RowMoments, layer_rows, output_rows
+from .hessian import (ChannelMoments, KroneckerMoments, Moments, RowMoments, RowSample, kept_rows, layer_rows,
+                      output_rows, rows_per_sample)
 from .layerzip import TaskSide, ZipResult, task_only, zip_layer
 from .options import MergeOptions
 from .runtime import default_providers
@@ -81,6 +82,7 @@ class StepRecord:
     joint: Optional[JointLayer]
     result: Optional[ZipResult]
     planned: int
+    rows: tuple[int, int] = (0, 0)  # calibration rows the Hessians used, of those available
 
 
 def task_weights(tasks: list[str], options: MergeOptions) -> dict[str, float]:
@@ -120,8 +122,9 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     fixed_views = reuse.tied.views(plan, options, rng)
     original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
                             reuse.spill_bytes) for t in tasks}
+    trunk = SegmentCache()  # a trunk shared by every task: computed once, not once per task
     merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
-                          reuse.spill_bytes) for t in tasks}
+                          reuse.spill_bytes, trunk) for t in tasks}
     weights = task_weights(tasks, options)
     depth = max(len(al.models[t].layers) for t in tasks)
     joint_at = {j.position - 1: j for j in al.joint}
@@ -152,27 +155,26 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
                 state.weights[(side.task, side.layer.index)] = task_only(side, order, options)
                 if options.calibrate and not side.exact:
                     state.modified[side.task].add(side.layer.index)
-        for t, layer in layers.items():
-            merged[t].compute([layer.output], lambda nodes, t=t: state.substitutions(t, nodes))
-            _share_identical(merged, layers, t, layer.output)
+        for i, (t, layer) in enumerate(layers.items()):
+            merged[t].compute([layer.output], lambda nodes, t=t: state.substitutions(t, nodes),
+                              like=_previous_task(merged, layers, i, lambda l: l.output))
             remaining = al.models[t].layers[pos + 1:]
             merged[t].retain([l.input for l in remaining])
             original[t].retain([l.output for l in remaining] if options.calibrate else [])
-        records.append(StepRecord(pos + 1, layers, joint, result, k))
+        records.append(StepRecord(pos + 1, layers, joint, result, k, (sides[0].moments.rows, sides[0].available_rows)))
         progress("merge", (pos + 1) / depth, f"layer {pos + 1}/{depth} done")
     return state, records
 
 
-def _share_identical(merged: dict[str, Frontier], layers: dict[str, Layer], task: str, name: str) -> None:
-    """In a shared trunk every task computes the very same tensor: keep one copy in memory."""
-    mine = merged[task].store[name]
-    for other, layer in layers.items():
-        if other == task:
-            break
-        theirs = merged[other].store.get(layer.output)
-        if theirs is not None and same_values(theirs, mine):
-            merged[task].store[name] = theirs
-            return
+def _previous_task(merged: dict[str, Frontier], layers: dict[str, Layer], i: int, tensor) -> dict:
+    """For task number i at this position: the same tensor (`tensor(layer)`) of the task before it,
+    which in a shared trunk it equals (see Frontier.compute's `like`)."""
+    if i == 0:
+        return {}
+    names = list(layers)
+    here, before = layers[names[i]], layers[names[i - 1]]
+    theirs = merged[names[i - 1]].store.get(tensor(before))
+    return {tensor(here): theirs} if theirs is not None else {}
 
 
 def _changed(view, side: TaskSide, options: MergeOptions) -> bool:
@@ -278,58 +280,68 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
             (y,) = original.compute([layer.output], lambda nodes: {})
             if targets is not None:
                 targets[key] = y
-    (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes))
+    before = others[-1] if others else None
+    (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes),
+                          like={layer.input: before.inputs} if before is not None and before.inputs is not None else None)
     if y is not None and options.calibrate:
         y = _residual_target(state, original, merged, task, layer, y)
     flat = (flat_range(state.al.models[task], layer, y, options.activation_margin)
             if y is not None and options.activation_margin is not None else None)
     imap = state.in_map(task, layer)
+    dim = int(np.prod(layer.weight.shape[1:]))
+    per_sample = rows_per_sample(layer, x)
+    rows_total = kept_rows(len(x) * per_sample, dim, options.hessian_rows)
+    # same seed for every task at this position: tasks sharing a Gram (twins) must use the same rows
+    sample = RowSample(len(x) * per_sample, rows_total, per_sample, (options.seed, layer.index))
     if layer.depthwise:
         # output channel c reads input channel c: both in view order, targets too
         order = state.out_order(task, layer)
         moments = ChannelMoments(layer.width, int(np.prod(layer.kernel)), options.calibrate)
         w, b = layer.weight[order], layer.bias[order]
     else:
-        dim = int(np.prod(layer.weight.shape[1:]))
         # In a shared trunk every task's layer sees the very same inputs: accumulate their Gram once.
         twin = next((o for o in others if not o.layer.depthwise
                      and o.layer.weight.shape[1:] == layer.weight.shape[1:]
                      and o.layer.node.attrs == layer.node.attrs and o.inputs is not None
-                     and same_values(o.inputs, x)), None)
+                     and same_values(o.inputs, x)), None)  # `x is o.inputs` when compute found them equal
         w, b = layer.weight, layer.bias
         if imap is not None:
             w = w[:, imap.perm]
         shared_gram = twin.moments.gram if twin is not None else None
-        if twin is not None:  # one copy of the trunk's tensor in memory, not one per task
+        if twin is not None and twin.inputs is not x:  # one copy of the trunk's tensor in memory, not one per task
             merged.store[layer.input] = x = twin.inputs
-        rows_total = len(x) * len(layer_rows(layer, x[:1]))
         if rows_total < ROWS_MODE_BELOW * (dim + 1) and options.damping > 0 and options.hessian == "full":
             # fewer calibration rows than inputs (VGG's 25,088-wide fc1): keep the rows, not a d x d Gram
             moments = RowMoments(dim, rows_total, layer.width if options.calibrate else None, gram=shared_gram)
         elif _device_hessians(options, merged.providers) and options.hessian == "full":
             moments = DeviceMoments(layer, options.calibrate, merged.providers, shared_gram,
-                                    (w, b, flat.lo, flat.hi) if flat is not None else None)
+                                    (w, b, flat.lo, flat.hi) if flat is not None else None,
+                                    sampled=sample.index is not None)
             for start in range(0, len(x), options.batch_size):
-                part = slice(start, start + options.batch_size)
-                moments.update_batch(x[part], y[part] if options.calibrate else None)
-            return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)
+                part = slice(start, min(len(x), start + options.batch_size))
+                moments.update_batch(x[part], y[part] if options.calibrate else None, sample.batch(part))
+            return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x,
+                            sample.total)
         elif options.hessian == "channel" and layer.kind == "conv" and int(np.prod(layer.kernel)) > 1:
             moments = KroneckerMoments(int(layer.weight.shape[1]), int(np.prod(layer.kernel)),
                                        layer.width if options.calibrate else None, gram=shared_gram)
         else:
             moments = Moments(dim, layer.width if options.calibrate else None, gram=shared_gram)
     for start in range(0, len(x), options.batch_size):
-        part = slice(start, start + options.batch_size)
-        rows = layer_rows(layer, x[part])
+        part = slice(start, min(len(x), start + options.batch_size))
+        index = sample.batch(part)
+        if index is not None and len(index) == 0:
+            continue
+        rows = layer_rows(layer, x[part], index)
         y_part = y[part] if options.calibrate else None
         if y_part is not None and layer.depthwise:
             y_part = y_part[:, order]  # targets in view order, like the filters and inputs
-        y_rows = output_rows(layer, y_part) if y_part is not None else None
+        y_rows = output_rows(layer, y_part, index) if y_part is not None else None
         if flat is not None:
             lo_hi = (flat.lo[order], flat.hi[order]) if layer.depthwise else (flat.lo, flat.hi)
             y_rows = FlatRange(*lo_hi).targets(y_rows, _response(layer, rows, w, b))
         moments.update(rows, y_rows)
-    return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x)
+    return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x, sample.total)
 
 
 def _device_hessians(options: MergeOptions, providers) -> bool:

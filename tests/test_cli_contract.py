@@ -182,6 +182,22 @@ def test_tasks_name_the_outputs(tmp_path):
     assert set(report["fidelity"]) == {"digit", "mod4"}
 
 
+def test_hessian_rows_flag_caps_the_rows_or_uses_all(tmp_path):
+    _, _ = merge_cli(tmp_path, "cnn_legacy", "--hessian-rows", "all")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["options"]["hessian_rows"] is None
+    assert all(r["hessian_rows"] == r["available_rows"] for r in report["layers"])
+    _, _ = merge_cli(tmp_path, "cnn_legacy", "--hessian-rows", "1")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["options"]["hessian_rows"] == 1
+    assert any(r["hessian_rows"] < r["available_rows"] for r in report["layers"])
+    folder = case("cnn_legacy")
+    bad = run_cli("merge", folder / "a.onnx", folder / "b.onnx", "--calibration", folder / "calib.npz",
+                  "--out", tmp_path / "x.onnx", "--hessian-rows", "many")
+    assert bad.returncode == 2 and "--hessian-rows" in bad.stderr and "'all'" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_lone_arr_0_calibration_for_a_one_input_model(tmp_path):
     name = "mlp_legacy"
     with np.load(case(name) / "calib.npz") as f:

@@ -107,6 +107,37 @@ def test_im2col_times_weights_equals_onnxruntime_conv():
         np.testing.assert_allclose(mine, y, rtol=1e-4, atol=1e-4)
 
 
+def test_sampled_rows_are_exactly_the_chosen_patches_and_targets_batch_after_batch():
+    """hessian_rows: the gathered patches/targets equal the full im2col rows at those indices, each
+    batch gets its own slice of one fixed subset, and the subset depends only on the seed."""
+    from onnxzip.hessian import RowSample, kept_rows, layer_rows, output_rows, rows_per_sample
+
+    rng = np.random.default_rng(7)
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    x = f(5, 4, 9, 7)
+    model = _conv_model(f(6, 4, 3, 3), f(6), [2, 1], [1, 1, 0, 1], [1, 1], ["N", 4, 9, 7])
+    layer = canonicalize(model, "conv", {"x": x[:2]}).layers[0]
+    y = run(model, {"x": x})["y"]
+    per_sample = rows_per_sample(layer, x)
+    assert per_sample == y.shape[2] * y.shape[3]
+    total = len(x) * per_sample
+    assert kept_rows(total, 36, None) == total
+    assert kept_rows(total, 36, 1) == min(total, 16 * 37)  # never fewer than 16 rows per input
+    sample = RowSample(total, 50, per_sample, (0, 3))
+    assert len(sample.index) == 50 and np.all(np.diff(sample.index) > 0)
+    np.testing.assert_array_equal(sample.index, RowSample(total, 50, per_sample, (0, 3)).index)
+    assert not np.array_equal(sample.index, RowSample(total, 50, per_sample, (1, 3)).index)
+    assert RowSample(total, total, per_sample, (0, 3)).batch(slice(0, 2)) is None  # all rows: no gather
+    full_x, full_y = layer_rows(layer, x), output_rows(layer, y)
+    got_x, got_y = [], []
+    for part in (slice(0, 2), slice(2, 5)):
+        index = sample.batch(part)
+        got_x.append(layer_rows(layer, x[part], index))
+        got_y.append(output_rows(layer, y[part], index))
+    np.testing.assert_array_equal(np.concatenate(got_x), full_x[sample.index])
+    np.testing.assert_array_equal(np.concatenate(got_y), full_y[sample.index])
+
+
 def test_canonical_form_folds_batchnorm_and_matmul_add_exactly():
     """Conv+BN and MatMul+Add (as skl2onnx writes) become Conv/Gemm layers with the same outputs."""
     rng = np.random.default_rng(5)
@@ -149,6 +180,17 @@ def test_device_side_hessians_equal_the_numpy_ones():
         host.update(layer_rows(layer, x[part]), output_rows(layer, y[part]))
         device.update_batch(x[part], y[part])
     assert device.rows == host.rows
+    np.testing.assert_allclose(device.gram, host.gram, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(device.cross, host.cross, rtol=1e-4, atol=1e-3)
+    # a row subset (hessian_rows): the device gathers the same rows the host does
+    from onnxzip.hessian import RowSample
+    sample = RowSample(host.rows, 40, host.rows // len(x), (0, 0))
+    host, device = Moments(36, 6), DeviceMoments(layer, True, ["CPUExecutionProvider"], sampled=True)
+    for part in (slice(0, 2), slice(2, 5)):
+        index = sample.batch(part)
+        host.update(layer_rows(layer, x[part], index), output_rows(layer, y[part], index))
+        device.update_batch(x[part], y[part], index)
+    assert device.rows == host.rows == 40
     np.testing.assert_allclose(device.gram, host.gram, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(device.cross, host.cross, rtol=1e-4, atol=1e-3)
     import onnxzip

@@ -282,3 +282,19 @@ def test_layers_with_fewer_calibration_rows_than_inputs_keep_rows_and_merge_as_w
     got, want = run(rows_model, test), run(dense_model, test)
     for name in want:
         assert rel_err(got[name], want[name]) < 1e-4, name
+
+
+def test_hessians_from_a_row_subset_keep_accuracy_and_the_report_says_how_many_rows():
+    """hessian_rows caps the calibration rows (samples x positions) behind each layer's Hessian: a
+    fixed random subset, at least 16 per input. Even that floor keeps the CNN pair's accuracy; the
+    report gives the rows each layer used and had."""
+    every, every_report = merge_case("cnn_legacy", share=1.0, hessian_rows=None)
+    floor, floor_report = merge_case("cnn_legacy", share=1.0, hessian_rows=1)
+    for full, few in zip(every_report["layers"], floor_report["layers"]):
+        assert full["hessian_rows"] == full["available_rows"] == few["available_rows"]
+        assert few["hessian_rows"] <= full["hessian_rows"]
+    cut = [r for r in floor_report["layers"] if r["hessian_rows"] < r["available_rows"]]
+    assert cut, "the floor should sample the convolutions' rows"
+    every_drops, floor_drops = accuracy_drops("cnn_legacy", every), accuracy_drops("cnn_legacy", floor)
+    assert max(floor_drops.values()) <= max(every_drops.values()) + 1.0, (floor_drops, every_drops)
+    assert max(floor_drops.values()) <= 1.5, floor_drops
