@@ -146,5 +146,6 @@ class DeviceMoments:
     def hessian(self, weight: float) -> np.ndarray:
         return self.gram * (weight / max(self.rows, 1))
 
-    def cross_moment(self, weight: float) -> np.ndarray:
-        return self.cross * (weight / max(self.rows, 1))
+    def cross_moment(self, weight: float, columns=None) -> np.ndarray:
+        """weight/n * sum x y^T, for the given target columns only when given."""
+        return (self.cross if columns is None else self.cross[:, columns]) * (weight / max(self.rows, 1))

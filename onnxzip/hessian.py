@@ -130,8 +130,9 @@ class Moments:
         """weight/n * sum x x^T: MTZ's layer Hessian (eq. 7-8) with alpha or 1-alpha as weight."""
         return self.gram * (weight / max(self.rows, 1))
 
-    def cross_moment(self, weight: float) -> np.ndarray:
-        return self.cross * (weight / max(self.rows, 1))
+    def cross_moment(self, weight: float, columns=None) -> np.ndarray:
+        """weight/n * sum x y^T, for the given target columns only when given."""
+        return (self.cross if columns is None else self.cross[:, columns]) * (weight / max(self.rows, 1))
 
 
 class RowMoments(Moments):

@@ -122,7 +122,7 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     fixed_views = reuse.tied.views(plan, options, rng)
     original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
                             reuse.spill_bytes) for t in tasks}
-    trunk = SegmentCache()  # a trunk shared by every task: computed once, not once per task
+    trunk = SegmentCache(size=2 * len(tasks))  # a trunk shared by every task: computed once, not per task
     merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
                           reuse.spill_bytes, trunk) for t in tasks}
     weights = task_weights(tasks, options)
