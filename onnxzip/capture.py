@@ -153,19 +153,29 @@ def _plain(value) -> bool:
 
 
 class SegmentCache:
-    """The last few segments computed by any of the frontiers sharing it, by segment_key."""
+    """The last few segments computed by any of the frontiers sharing it, by segment_key.
+
+    A key names stored inputs by object identity; an id can be reused once its object is gone, so
+    each entry keeps weak references to its inputs and is dropped when one of them has died."""
 
     def __init__(self, size: int = 8):
         self.size = size
-        self.entries: dict[tuple, list] = {}
+        self.entries: dict[tuple, tuple[list, list]] = {}
 
     def get(self, key) -> Optional[list]:
-        return self.entries.get(key) if key is not None else None
+        entry = self.entries.get(key) if key is not None else None
+        if entry is None:
+            return None
+        values, inputs = entry
+        if any(ref() is None for ref in inputs):
+            del self.entries[key]
+            return None
+        return values
 
-    def put(self, key, values: list) -> None:
+    def put(self, key, values: list, inputs: list) -> None:
         if key is None:
             return
-        self.entries[key] = values
+        self.entries[key] = (values, [weakref.ref(i) for i in inputs])
         while len(self.entries) > self.size:  # oldest first: dicts keep insertion order
             del self.entries[next(iter(self.entries))]
 
@@ -226,7 +236,7 @@ class Frontier:
             results.update(like)  # every batch matched
             self.store.update({k: v.close() if isinstance(v, _SpillWriter) else v for k, v in results.items()})
             if self.cache is not None:
-                self.cache.put(key, [self.store[m] for m in missing])
+                self.cache.put(key, [self.store[m] for m in missing], [self.store[k] for k in used])
         return [self.store.get(w) for w in wanted]
 
     def _allocate(self, name: str, shape: tuple, dtype):

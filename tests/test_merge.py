@@ -298,3 +298,44 @@ def test_hessians_from_a_row_subset_keep_accuracy_and_the_report_says_how_many_r
     every_drops, floor_drops = accuracy_drops("cnn_legacy", every), accuracy_drops("cnn_legacy", floor)
     assert max(floor_drops.values()) <= max(every_drops.values()) + 1.0, (floor_drops, every_drops)
     assert max(floor_drops.values()) <= 1.5, floor_drops
+
+
+def test_a_segment_every_task_computes_the_same_way_runs_once_and_is_held_once():
+    """Two frontiers sharing a SegmentCache (every task's merged model over a shared trunk): the
+    second gets the first's very tensor without running onnxruntime; a changed constant or input
+    runs again; an entry whose input has died is never served (its id may be reused)."""
+    import gc
+
+    import onnxzip.capture as capture
+    from onnxzip.canonicalize import canonicalize
+
+    d = case("cnn_legacy")
+    calib = dict(np.load(d / "calib.npz"))
+    model = canonicalize(onnx.load(str(d / "a.onnx")), "a", {k: v[:2] for k, v in calib.items()})
+    cache = capture.SegmentCache()
+    first, second = (capture.Frontier(model, calib, ["CPUExecutionProvider"], 64, cache=cache) for _ in range(2))
+    inputs = dict(first.store)
+    second.store = dict(inputs)  # the same input objects, as a shared trunk has
+    layer = model.layers[1]
+    runs = []
+    real = capture.make_session
+    capture.make_session = lambda *a, **k: runs.append(1) or real(*a, **k)
+    try:
+        (a,) = first.compute([layer.output], lambda nodes: {})
+        (b,) = second.compute([layer.output], lambda nodes: {})
+        assert b is a and len(runs) == 1
+        other = capture.Frontier(model, calib, ["CPUExecutionProvider"], 64, cache=cache)
+        other.store = dict(inputs)
+        changed = {layer.node.inputs[1].name: layer.weight * 2}  # other weights: computed anew
+        (c,) = other.compute([layer.output], lambda nodes: changed)
+        assert c is not a and len(runs) == 2
+        np.testing.assert_allclose(c - layer.bias[None, :, None, None], 2 * (a - layer.bias[None, :, None, None]),
+                                   rtol=1e-4, atol=1e-4)
+    finally:
+        capture.make_session = real
+    kept = np.ones(3)
+    cache.put(("k",), [np.zeros(1)], [kept])
+    assert cache.get(("k",)) is not None
+    del kept
+    gc.collect()
+    assert cache.get(("k",)) is None
