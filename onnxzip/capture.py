@@ -128,13 +128,13 @@ def segment_key(nodes: list[gs.Node], stored: dict[str, object], outputs: list[s
     for i, node in enumerate(nodes):
         inputs = []
         for t in node.inputs:
-            if not t.name:
-                inputs.append(None)
-            elif t.name in token:
-                inputs.append(token[t.name])
-            elif isinstance(t, gs.Constant):
+            if isinstance(t, gs.Constant):
                 values = np.asarray(subs.get(t.name, t.values))
                 inputs.append(("const", values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest()))
+            elif not t.name:
+                inputs.append(None)  # an omitted optional input
+            elif t.name in token:
+                inputs.append(token[t.name])
             else:
                 return None
         attrs = sorted(node.attrs.items())
