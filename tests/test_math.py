@@ -27,6 +27,8 @@ def test_all_pair_costs_from_one_product_equal_the_per_pair_definition():
     fast = pairing.pair_costs(a, b, ha, hb)
     slow = pairing.pair_cost_loop(a, b, ha, hb)
     np.testing.assert_allclose(fast, slow, rtol=1e-8, atol=1e-10)
+    # a few columns at a time (how a 25,088-input layer bounds its memory): the same costs
+    np.testing.assert_allclose(pairing.pair_costs(a, b, ha, hb, block=3), slow, rtol=1e-8, atol=1e-10)
 
 
 def test_low_rank_hessians_give_the_dense_results_through_their_rows():
