@@ -157,7 +157,7 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
                     state.modified[side.task].add(side.layer.index)
         for i, (t, layer) in enumerate(layers.items()):
             merged[t].compute([layer.output], lambda nodes, t=t: state.substitutions(t, nodes),
-                              like=_previous_task(merged, layers, i, lambda l: l.output))
+                              like=_previous_output(merged, layers, i))
             remaining = al.models[t].layers[pos + 1:]
             merged[t].retain([l.input for l in remaining])
             original[t].retain([l.output for l in remaining] if options.calibrate else [])
@@ -166,15 +166,14 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     return state, records
 
 
-def _previous_task(merged: dict[str, Frontier], layers: dict[str, Layer], i: int, tensor) -> dict:
-    """For task number i at this position: the same tensor (`tensor(layer)`) of the task before it,
-    which in a shared trunk it equals (see Frontier.compute's `like`)."""
+def _previous_output(merged: dict[str, Frontier], layers: dict[str, Layer], i: int) -> dict:
+    """For task number i at this position: the layer output of the task before it, which in a
+    shared trunk it equals (see Frontier.compute's `like`)."""
     if i == 0:
         return {}
     names = list(layers)
-    here, before = layers[names[i]], layers[names[i - 1]]
-    theirs = merged[names[i - 1]].store.get(tensor(before))
-    return {tensor(here): theirs} if theirs is not None else {}
+    theirs = merged[names[i - 1]].store.get(layers[names[i - 1]].output)
+    return {layers[names[i]].output: theirs} if theirs is not None else {}
 
 
 def _changed(view, side: TaskSide, options: MergeOptions) -> bool:
