@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most N calibration rows per layer feed its Hessian, a random subset of "
                         "positions but at least 16 per input (default 32768); 'all' uses every row")
     m.add_argument("--spill-mb", type=float,
-                   help="activations larger than this wait on disk between layers (default 256)")
+                   help="activations (and the originals' record) larger than this many MiB wait on disk (default 256)")
     m.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of calibration samples kept to measure fidelity (default 0.2)")
     m.add_argument("--eval", metavar="TEST.npz",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-
 from . import report as reporting
 from .emit import emit
 from .options import MergeOptions
@@ -14,24 +12,15 @@ from .zip_loop import Prepared, Progress, Reuse, check_cancel, plan_shares, zip_
 
 
 CURVE_SHARES = (0.25, 0.5, 0.75, 1.0)
-_TARGET_CACHE_BYTES = 2 << 30
-
-
-def targets_fit(prepared: Prepared) -> bool:
-    """Can every layer's original pre-activations stay in memory across the curve's runs?"""
-    n = len(next(iter(prepared.fit.values())))
-    total = sum(4 * n * int(np.prod([d for d in m.shapes.get(l.output, ())[1:] if d], dtype=np.int64))
-                for m in prepared.alignment.models.values() for l in m.layers)
-    return total <= _TARGET_CACHE_BYTES
 
 
 def trade_off_curve(prepared: Prepared, options: MergeOptions, progress: Progress, cancel,
                     reuse: Optional["Reuse"] = None) -> list[dict]:
     """Fidelity, parameters and multiply-adds for zippering k = 0..L (the first k shareable layers
     fully shared, the MobileNet paper's Table 1) and for uniform share fractions, in one run: the
-    canonical models, alignment, tied-group statistics and original activations are reused."""
+    canonical models, the alignment and the record of the originals (zip_loop.Reuse) are reused."""
     al = prepared.alignment
-    reuse = reuse or Reuse(targets={} if targets_fit(prepared) else None)
+    reuse = reuse or Reuse()
     positions = [j.position for j in al.shareable_layers()]
     settings = [(f"k={k}", {"zipper": positions[k - 1] if k else 0}) for k in range(len(positions) + 1)]
     settings += [(f"share={s:g}", {"share": s, "zipper": None}) for s in CURVE_SHARES]

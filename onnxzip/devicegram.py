@@ -31,10 +31,11 @@ def _one_hot_filters(channels: int, kernel: tuple[int, int]) -> np.ndarray:
 
 def gram_model(layer: Layer, targets: bool, flat=None, sampled: bool = False, opset: int = 13) -> onnx.ModelProto:
     """x [, y] [, index] -> rows, sums of x, X^T X [, sums of y, X^T Y], with X the layer's input rows
-    (only those at `index` when `sampled`, as hessian.RowSample hands them out).
+    (only those at `index` when `sampled`, as hessian.RowSample hands them out) and y the target rows
+    that go with them (hessian.output_rows: already only those at `index`).
 
     `flat` = (w, b, lo, hi): adjust the targets for a following ReLU/Clip as FlatRange.targets does,
-    with the original neurons' response computed on the device too.
+    with the original neurons' response to X computed on the device too.
     """
     d = int(np.prod(layer.weight.shape[1:]))
     nodes, inits = [], []
@@ -62,19 +63,12 @@ def gram_model(layer: Layer, targets: bool, flat=None, sampled: bool = False, op
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("xtx", "xsum")]
     outputs.append(helper.make_tensor_value_info("rows", TensorProto.INT64, None))
     if targets:
-        inits.append(numpy_helper.from_array(np.array([-1, layer.width], np.int64), "shape_y"))
         y_rows = "y"
         if flat is not None:
-            nodes += _flat_range_nodes(layer, *flat, inits)
+            nodes += _flat_range_nodes(*flat, inits)
             y_rows = "y_flat"
-        if layer.kind == "conv":
-            nodes.append(helper.make_node("Transpose", [y_rows], ["y_nhwc"], perm=[0, 2, 3, 1]))
-            y_rows = "y_nhwc"
-        nodes.append(helper.make_node("Reshape", [y_rows, "shape_y"], ["Y_all" if sampled else "Y"]))
-        if sampled:
-            nodes.append(helper.make_node("Gather", ["Y_all", "index"], ["Y"], axis=0))
-        nodes += [helper.make_node("Gemm", ["X", "Y"], ["xty"], transA=1),
-                  helper.make_node("ReduceSum", ["Y", "axis0"], ["ysum"], keepdims=0)]
+        nodes += [helper.make_node("Gemm", ["X", y_rows], ["xty"], transA=1),
+                  helper.make_node("ReduceSum", [y_rows, "axis0"], ["ysum"], keepdims=0)]
         inputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("xty", "ysum")]
     if sampled:
@@ -83,23 +77,15 @@ def gram_model(layer: Layer, targets: bool, flat=None, sampled: bool = False, op
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
 
 
-def _flat_range_nodes(layer: Layer, w: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray, inits):
-    """y -> y_flat: where y is deep in the activation's flat range, the original neuron's response
-    if it lands there too, else the range's edge."""
+def _flat_range_nodes(w: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray, inits):
+    """y -> y_flat (rows): where y is deep in the activation's flat range, the original neuron's
+    response to the rows X if it lands there too, else the range's edge."""
     big = np.finfo(np.float32).max
-    shape = (1, len(b), 1, 1) if layer.kind == "conv" else (1, len(b))
     for name, values in (("lo", lo), ("hi", hi)):
-        inits.append(numpy_helper.from_array(np.clip(values, -big, big).astype(np.float32).reshape(shape), name))
-    inits += [numpy_helper.from_array(w.astype(np.float32), "w_orig"),
+        inits.append(numpy_helper.from_array(np.clip(values, -big, big).astype(np.float32).reshape(1, -1), name))
+    inits += [numpy_helper.from_array(w.reshape(len(w), -1).astype(np.float32), "w_orig"),
               numpy_helper.from_array(b.astype(np.float32), "b_orig")]
-    if layer.kind == "conv":
-        attrs = layer.node.attrs
-        response = helper.make_node("Conv", ["x", "w_orig", "b_orig"], ["resp"], kernel_shape=list(layer.kernel),
-                                    strides=list(attrs["strides"]), pads=list(attrs["pads"]),
-                                    dilations=list(attrs["dilations"]))
-    else:
-        response = helper.make_node("Gemm", ["x", "w_orig", "b_orig"], ["resp"], transB=1)
-    return [response,
+    return [helper.make_node("Gemm", ["X", "w_orig", "b_orig"], ["resp"], transB=1),
             helper.make_node("Less", ["y", "lo"], ["below"]),
             helper.make_node("Min", ["resp", "lo"], ["resp_lo"]),
             helper.make_node("Where", ["below", "resp_lo", "y"], ["y_lo"]),
@@ -122,8 +108,8 @@ class DeviceMoments:
         self.rows = 0
 
     def update_batch(self, x: np.ndarray, y: Optional[np.ndarray] = None, index: Optional[np.ndarray] = None) -> None:
-        """x, y: a batch of the layer's input and output tensors (not rows); index: the rows to use
-        (a sampled layer's, see hessian.RowSample)."""
+        """x: a batch of the layer's input tensor; y: the target rows that go with the rows used;
+        index: the rows to use (a sampled layer's, see hessian.RowSample)."""
         if self.sampled and len(index) == 0:
             return
         feeds = {"x": np.ascontiguousarray(x, np.float32)}

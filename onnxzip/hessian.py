@@ -67,12 +67,32 @@ class RowSample:
         self.index = None if keep >= total else np.sort(
             np.random.default_rng(seed).choice(total, size=keep, replace=False))
 
+    @property
+    def kept(self) -> int:
+        return self.total if self.index is None else len(self.index)
+
     def batch(self, part: slice) -> Optional[np.ndarray]:
         """Indices into the rows of samples part.start:part.stop, or None for all of them."""
         if self.index is None:
             return None
-        lo, hi = np.searchsorted(self.index, [part.start * self.per_sample, part.stop * self.per_sample])
-        return self.index[lo:hi] - part.start * self.per_sample
+        span = self.span(part)
+        return self.index[span] - part.start * self.per_sample
+
+    def span(self, part: slice) -> slice:
+        """Where the kept rows of samples part.start:part.stop lie among all kept rows (in order)."""
+        lo, hi = part.start * self.per_sample, part.stop * self.per_sample
+        if self.index is not None:
+            lo, hi = np.searchsorted(self.index, [lo, hi])
+        return slice(int(lo), int(hi))
+
+
+def position_sample(layers: list[Layer], samples: int, per_sample: int, cap: Optional[int], seed: int) -> RowSample:
+    """The rows behind the Hessians at one layer position, given every task's layer there: the same
+    for all of them (tasks sharing a Gram, and the tied-channel statistics, compare rows one to one),
+    drawn from the merge seed and the position so every run uses the same rows."""
+    total = samples * per_sample
+    dim = max(int(np.prod(layer.weight.shape[1:])) for layer in layers)
+    return RowSample(total, kept_rows(total, dim, cap), per_sample, (seed, layers[0].index))
 
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations, index: Optional[np.ndarray] = None) -> np.ndarray:

@@ -55,7 +55,8 @@ class MergeOptions(BaseModel):
     spill_mb: float = Field(
         256.0, gt=0,
         description="Activations of the calibration set larger than this many MiB wait on disk (in the "
-        "system temp folder) between layers instead of in memory: bounds memory on big models.")
+        "system temp folder) between layers instead of in memory, and so does the record of the "
+        "original models' targets when it is larger: bounds memory on big models.")
     batch_size: int = Field(
         64, ge=1, le=65536,
         description="Calibration samples per onnxruntime call; bounds activation memory.")

@@ -15,13 +15,14 @@ from .canonicalize import CanonicalModel, Layer
 from .capture import Frontier, SegmentCache, same_values, segment_nodes
 from .devicegram import DeviceMoments
 from .errors import CancelledError, InvalidOptionsError
-from .hessian import (ChannelMoments, KroneckerMoments, Moments, RowMoments, RowSample, kept_rows, layer_rows,
-                      output_rows, rows_per_sample)
+from .hessian import (ChannelMoments, KroneckerMoments, Moments, RowMoments, layer_rows, output_rows,
+                      position_sample, rows_per_sample)
 from .layerzip import TaskSide, ZipResult, task_only, zip_layer
 from .options import MergeOptions
 from .runtime import default_providers
 from .state import ZipState
-from .tied import TiedStats
+from .record import LayerRecord, OriginalRecord, activation_after, residual_sum
+from .tied import TiedStats, tied_writers
 
 Progress = Callable[[str, float, str], None]  # (stage, fraction of that stage, message)
 
@@ -96,9 +97,9 @@ def task_weights(tasks: list[str], options: MergeOptions) -> dict[str, float]:
 class Reuse:
     """What does not depend on the sharing plan, kept across the runs of a trade-off curve."""
 
+    record: Optional[OriginalRecord] = None
     tied: Optional[TiedStats] = None
-    targets: Optional[dict] = None  # (task, tensor) -> original pre-activations, when they fit in memory
-    spill_dir: Optional[str] = None  # where activations bigger than spill_bytes wait on disk
+    spill_dir: Optional[str] = None  # where activations (and a big record) bigger than spill_bytes wait on disk
     spill_bytes: float = float("inf")
 
 
@@ -116,12 +117,17 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
                                  "be shared; all of them were shared")
     rng = np.random.default_rng(options.seed)
     state = ZipState(al)
+    if reuse.record is None:
+        progress("merge", 0.0, "running the original models once (targets and tied-channel statistics)")
+        wanted = tied_writers(al)
+        if options.calibrate:
+            wanted = {t: set(range(len(al.models[t].layers))) for t in tasks}
+        reuse.record = OriginalRecord(al, prepared.fit, options, providers, wanted, reuse.spill_dir,
+                                      reuse.spill_bytes)
     progress("merge", 0.0, "pairing channels tied across layers (residuals)")
     if reuse.tied is None:
-        reuse.tied = TiedStats(al, prepared.fit, options, providers)
+        reuse.tied = TiedStats(al, reuse.record)
     fixed_views = reuse.tied.views(plan, options, rng)
-    original = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
-                            reuse.spill_bytes) for t in tasks}
     trunk = SegmentCache(size=2 * len(tasks))  # a trunk shared by every task: computed once, not per task
     merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
                           reuse.spill_bytes, trunk) for t in tasks}
@@ -137,8 +143,8 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         progress("merge", pos / depth, f"layer {pos + 1}/{depth}: capturing activations")
         sides: list[TaskSide] = []
         for t, layer in layers.items():
-            sides.append(_capture(state, original[t], merged[t], t, layer, options, weights[t], sides,
-                                  reuse.targets))
+            record = reuse.record.get(t, layer) if options.calibrate else None
+            sides.append(_capture(state, merged[t], t, layer, options, weights[t], sides, record))
         result = None
         group = al.joint_group(tasks[0], al.channels[tasks[0]].layer_out[layers[tasks[0]].index]) if joint else None
         if joint is not None and joint.shareable and (k > 0 or group in fixed_views):
@@ -158,9 +164,7 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         for i, (t, layer) in enumerate(layers.items()):
             merged[t].compute([layer.output], lambda nodes, t=t: state.substitutions(t, nodes),
                               like=_previous_output(merged, layers, i))
-            remaining = al.models[t].layers[pos + 1:]
-            merged[t].retain([l.input for l in remaining])
-            original[t].retain([l.output for l in remaining] if options.calibrate else [])
+            merged[t].retain([l.input for l in al.models[t].layers[pos + 1:]])
         records.append(StepRecord(pos + 1, layers, joint, result, k, (sides[0].moments.rows, sides[0].available_rows)))
         progress("merge", (pos + 1) / depth, f"layer {pos + 1}/{depth} done")
     return state, records
@@ -197,101 +201,64 @@ class FlatRange:
         return np.where(y > self.hi, np.maximum(response, self.hi), y)
 
 
-def flat_range(model: CanonicalModel, layer: Layer, y: np.ndarray, margin: float) -> Optional[FlatRange]:
-    """The ReLU/Clip (ReLU6) right after `layer`, if any, with per-channel margins."""
-    tensor = model.graph.tensors()[layer.output]
-    if len(tensor.outputs) != 1 or tensor.outputs[0].op not in ("Relu", "Clip"):
+def flat_range(model: CanonicalModel, layer: Layer, spread: np.ndarray, margin: float) -> Optional[FlatRange]:
+    """The ReLU/Clip (ReLU6) right after `layer`, if any, with margins of `margin` times each
+    channel's spread (standard deviation of its pre-activations)."""
+    act = activation_after(model, layer)
+    if act is None:
         return None
-    act = tensor.outputs[0]
     lo, hi = 0.0, np.inf
     if act.op == "Clip":
         bounds = [t.values if isinstance(t, gs.Constant) and t.name else None for t in act.inputs[1:3]]
         bounds += [None] * (2 - len(bounds))
         lo = float(bounds[0]) if bounds[0] is not None else float(act.attrs.get("min", -np.inf))
         hi = float(bounds[1]) if bounds[1] is not None else float(act.attrs.get("max", np.inf))
-    spread = _channel_std(y)
     return FlatRange(lo - margin * spread, hi + margin * spread)
 
 
-def _channel_std(y: np.ndarray, chunk: int = 16) -> np.ndarray:
-    """Per-channel standard deviation over samples and positions, a few samples at a time (no
-    full-size temporaries for big activations)."""
-    total = np.zeros(y.shape[1])
-    squares = np.zeros(y.shape[1])
-    axes = tuple(i for i in range(y.ndim) if i != 1)
-    for start in range(0, len(y), chunk):
-        part = y[start:start + chunk].astype(np.float64)
-        total += part.sum(axis=axes)
-        squares += np.square(part).sum(axis=axes)
-    count = np.prod(y.shape) / y.shape[1]
-    return np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0))
+def _targets(state: ZipState, merged: Frontier, task: str, layer: Layer, record: LayerRecord):
+    """The layer's targets, batch by batch: part -> rows (original channel order).
 
-
-def _residual_target(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
-                     y: np.ndarray) -> np.ndarray:
-    """A layer that feeds a residual Add is fit to the ORIGINAL sum minus what the merged model
+    A layer that feeds a residual Add is fit to the ORIGINAL sum minus what the merged model
     already adds there, so it also corrects the error arriving through the shortcut. Applies when
     the other addends are already known in the merged model (no unprocessed layer on their path)."""
+    plain = lambda part: record.rows[record.sample.span(part)]  # noqa: E731
     model = state.al.models[task]
-    tensor = model.graph.tensors()[layer.output]
-    if len(tensor.outputs) != 1 or tensor.outputs[0].op not in ("Add", "Sum"):
-        return y
-    add = tensor.outputs[0]
-    others = [t.name for t in add.inputs if t.name != layer.output]
-    if not others or any(model.shapes.get(o) != model.shapes.get(layer.output) for o in others):
-        return y
+    residual = residual_sum(model, layer)
+    if residual is None or record.sum_rows is None:
+        return plain
     layer_nodes = {id(l.node) for l in model.layers}
-    if any(id(n) in layer_nodes for n in segment_nodes(model.graph, set(merged.store), others)):
-        return y
-    (total,) = original.compute([add.outputs[0].name], lambda nodes: {})
-    added = merged.compute(others, lambda nodes: state.substitutions(task, nodes))
-    return _ResidualTarget(total, added, state.out_order(task, layer))
+    if any(id(n) in layer_nodes for n in segment_nodes(model.graph, set(merged.store), residual[1])):
+        return plain
+    added = merged.compute(residual[1], lambda nodes: state.substitutions(task, nodes))
+    order = state.out_order(task, layer)  # view position -> channel: merged tensors are in view order
 
-
-class _ResidualTarget:
-    """original sum - merged other addends, computed a batch at a time (tensors may be on disk)."""
-
-    def __init__(self, total, added: list, order: np.ndarray):
-        self.total, self.added, self.order = total, added, order  # order: view position -> channel
-        self.shape = total.shape
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, part) -> np.ndarray:
-        target = np.array(self.total[part], copy=True)
-        for tensor in self.added:
-            target[:, self.order] -= tensor[part]  # merged tensors are in view order
+    def residual_rows(part: slice) -> np.ndarray:
+        index = record.sample.batch(part)
+        target = np.array(record.sum_rows[record.sample.span(part)], copy=True)
+        for tensor in added:
+            target[:, order] -= output_rows(layer, tensor[part], index)
         return target
+    return residual_rows
 
 
-def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, layer: Layer,
-             options: MergeOptions, weight: float, others, targets: Optional[dict] = None) -> TaskSide:
+def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options: MergeOptions, weight: float,
+             others, record: Optional[LayerRecord]) -> TaskSide:
     """Moments of the layer's inputs in the merged model (and cross moments with its original
-    pre-activations), streamed batch by batch."""
-    # The original pre-activations are only needed as targets when calibrating.
-    y = None
-    if options.calibrate:
-        key = (task, layer.output)
-        if targets is not None and key in targets:
-            y = targets[key]
-        else:
-            (y,) = original.compute([layer.output], lambda nodes: {})
-            if targets is not None:
-                targets[key] = y
+    pre-activations, from the record, when calibrating), streamed batch by batch."""
     before = others[-1] if others else None
     (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes),
                           like={layer.input: before.inputs} if before is not None and before.inputs is not None else None)
-    if y is not None and options.calibrate:
-        y = _residual_target(state, original, merged, task, layer, y)
-    flat = (flat_range(state.al.models[task], layer, y, options.activation_margin)
-            if y is not None and options.activation_margin is not None else None)
+    targets = _targets(state, merged, task, layer, record) if record is not None else None
+    flat = (flat_range(state.al.models[task], layer, record.spread, options.activation_margin)
+            if record is not None and record.spread is not None and options.activation_margin is not None else None)
     imap = state.in_map(task, layer)
     dim = int(np.prod(layer.weight.shape[1:]))
-    per_sample = rows_per_sample(layer, x)
-    rows_total = kept_rows(len(x) * per_sample, dim, options.hessian_rows)
-    # same seed for every task at this position: tasks sharing a Gram (twins) must use the same rows
-    sample = RowSample(len(x) * per_sample, rows_total, per_sample, (options.seed, layer.index))
+    if record is not None:
+        sample = record.sample
+    else:
+        at_position = [m.layers[layer.index] for m in state.al.models.values() if layer.index < len(m.layers)]
+        sample = position_sample(at_position, len(x), rows_per_sample(layer, x), options.hessian_rows, options.seed)
     if layer.depthwise:
         # output channel c reads input channel c: both in view order, targets too
         order = state.out_order(task, layer)
@@ -309,16 +276,16 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
         shared_gram = twin.moments.gram if twin is not None else None
         if twin is not None and twin.inputs is not x:  # one copy of the trunk's tensor in memory, not one per task
             merged.store[layer.input] = x = twin.inputs
-        if rows_total < ROWS_MODE_BELOW * (dim + 1) and options.damping > 0 and options.hessian == "full":
+        if sample.kept < ROWS_MODE_BELOW * (dim + 1) and options.damping > 0 and options.hessian == "full":
             # fewer calibration rows than inputs (VGG's 25,088-wide fc1): keep the rows, not a d x d Gram
-            moments = RowMoments(dim, rows_total, layer.width if options.calibrate else None, gram=shared_gram)
+            moments = RowMoments(dim, sample.kept, layer.width if options.calibrate else None, gram=shared_gram)
         elif _device_hessians(options, merged.providers) and options.hessian == "full":
             moments = DeviceMoments(layer, options.calibrate, merged.providers, shared_gram,
                                     (w, b, flat.lo, flat.hi) if flat is not None else None,
                                     sampled=sample.index is not None)
             for start in range(0, len(x), options.batch_size):
                 part = slice(start, min(len(x), start + options.batch_size))
-                moments.update_batch(x[part], y[part] if options.calibrate else None, sample.batch(part))
+                moments.update_batch(x[part], targets(part) if targets is not None else None, sample.batch(part))
             return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x,
                             sample.total)
         elif options.hessian == "channel" and layer.kind == "conv" and int(np.prod(layer.kernel)) > 1:
@@ -332,10 +299,9 @@ def _capture(state: ZipState, original: Frontier, merged: Frontier, task: str, l
         if index is not None and len(index) == 0:
             continue
         rows = layer_rows(layer, x[part], index)
-        y_part = y[part] if options.calibrate else None
-        if y_part is not None and layer.depthwise:
-            y_part = y_part[:, order]  # targets in view order, like the filters and inputs
-        y_rows = output_rows(layer, y_part, index) if y_part is not None else None
+        y_rows = targets(part) if targets is not None else None
+        if y_rows is not None and layer.depthwise:
+            y_rows = y_rows[:, order]  # targets in view order, like the filters and inputs
         if flat is not None:
             lo_hi = (flat.lo[order], flat.hi[order]) if layer.depthwise else (flat.lo, flat.hi)
             y_rows = FlatRange(*lo_hi).targets(y_rows, _response(layer, rows, w, b))

@@ -14,7 +14,7 @@ from . import report as reporting
 from .align import align
 from .canonicalize import CanonicalModel, canonicalize
 from .channels import analyze
-from .curve import targets_fit, trade_off_curve
+from .curve import trade_off_curve
 from .emit import emit
 from .errors import AlignmentError, InvalidCalibrationError, InvalidOptionsError
 from .load import (InputSpec, check_calibration_arrays, check_model, default_opset, input_specs, load_calibration, load_labels,
@@ -55,8 +55,7 @@ def merge(models: Sequence[ModelSource], calibration: Union[str, dict], options=
 
 def _merge_prepared(prepared: Prepared, options: MergeOptions, progress: Progress, cancel, started: float,
                     eval_data, spill_dir: str) -> tuple[onnx.ModelProto, dict]:
-    reuse = Reuse(targets={} if options.curve and targets_fit(prepared) else None, spill_dir=spill_dir,
-                  spill_bytes=options.spill_mb * 2**20)
+    reuse = Reuse(spill_dir=spill_dir, spill_bytes=options.spill_mb * 2**20)
     state, rows = zip_layers(prepared, options, progress, cancel, reuse=reuse)
     progress("emit", 0.0, "writing the merged model")
     emitted = emit(state)

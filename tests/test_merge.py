@@ -300,6 +300,50 @@ def test_hessians_from_a_row_subset_keep_accuracy_and_the_report_says_how_many_r
     assert max(floor_drops.values()) <= 1.5, floor_drops
 
 
+def test_the_originals_are_recorded_once_at_the_rows_each_layer_uses():
+    """OriginalRecord runs each original model once and keeps what the fit reads from it: every
+    layer's pre-activations at the rows its Hessian uses (the same rows for every task), a residual
+    Add's output at those rows, and the spread of each channel a ReLU follows, over all rows."""
+    from onnxzip.hessian import output_rows
+    from onnxzip.options import MergeOptions
+    from onnxzip.record import OriginalRecord, activation_after, residual_sum
+    from onnxzip.zipper import prepare
+
+    d = case("resnet_legacy")
+    options = MergeOptions(hessian_rows=1)  # the floor: the convolutions' rows are sampled
+    prepared = prepare([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"), options)
+    al = prepared.alignment
+    wanted = {t: set(range(len(al.models[t].layers))) for t in prepared.tasks}
+    record = OriginalRecord(al, prepared.fit, options, ["CPUExecutionProvider"], wanted)
+    checked = {"sampled": 0, "sum": 0, "spread": 0}
+    for t in prepared.tasks:
+        model = al.models[t]
+        proto = model.to_onnx()
+        sums = [residual_sum(model, l) for l in model.layers]
+        names = [l.output for l in model.layers] + [s[0] for s in sums if s]
+        proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                                  for n in dict.fromkeys(names) if n not in {o.name for o in proto.graph.output})
+        full = run(proto, prepared.fit)
+        for layer in model.layers:
+            got = record.get(t, layer)
+            first = record.get(prepared.tasks[0], layer).sample.index  # the first task's layer at this position
+            assert (got.sample.index is None and first is None) or np.array_equal(got.sample.index, first)
+            y = full[layer.output]
+            np.testing.assert_allclose(np.asarray(got.rows), output_rows(layer, y, got.sample.index),
+                                       rtol=1e-5, atol=1e-5)
+            checked["sampled"] += got.sample.index is not None
+            if residual_sum(model, layer):
+                np.testing.assert_allclose(np.asarray(got.sum_rows),
+                                           output_rows(layer, full[residual_sum(model, layer)[0]], got.sample.index),
+                                           rtol=1e-5, atol=1e-5)
+                checked["sum"] += 1
+            if activation_after(model, layer) is not None:
+                spread = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]).astype(np.float64).std(axis=0)
+                np.testing.assert_allclose(got.spread, spread, rtol=1e-4, atol=1e-6)
+                checked["spread"] += 1
+    assert all(checked.values()), checked
+
+
 def test_a_segment_every_task_computes_the_same_way_runs_once_and_is_held_once():
     """Two frontiers sharing a SegmentCache (every task's merged model over a shared trunk): the
     second gets the first's very tensor without running onnxruntime; a changed constant or input
