@@ -88,7 +88,7 @@ class Spilled:
             del mapped  # unmapped: the pages leave this process's memory
 
 
-class _SpillWriter:
+class SpillWriter:
     """Appends batches (in order) to an .npy file; no mapping, so nothing stays resident."""
 
     def __init__(self, path: str, shape: tuple, dtype: np.dtype):
@@ -105,6 +105,20 @@ class _SpillWriter:
         spilled = Spilled(self.path, self.shape, self.dtype)
         weakref.finalize(spilled, _unlink, self.path)  # the file goes when nothing refers to it
         return spilled
+
+
+def new_tensor(shape: tuple, dtype, spill_dir: Optional[str] = None):
+    """An empty array to fill batch by batch, or with `spill_dir` a SpillWriter into a new file
+    there (batches in order); `done` turns either into what is read back."""
+    if spill_dir is None:
+        return np.empty(shape, dtype)
+    fd, path = tempfile.mkstemp(dir=spill_dir, suffix=".npy")
+    os.close(fd)
+    return SpillWriter(path, shape, dtype)
+
+
+def done(tensor):
+    return tensor.close() if isinstance(tensor, SpillWriter) else tensor
 
 
 def same_values(a, b, chunk: int = 16) -> bool:
@@ -225,26 +239,23 @@ class Frontier:
                     if name in like:
                         if like[name].shape[1:] == array.shape[1:] and np.array_equal(like[name][part], array):
                             continue
-                        results[name] = self._allocate(name, (self.n,) + array.shape[1:], array.dtype)
+                        results[name] = self._allocate((self.n,) + array.shape[1:], array.dtype)
                         for start in range(0, part.start, self.batch_size):  # the batches that matched
-                            done = slice(start, min(part.start, start + self.batch_size))
-                            results[name][done] = like[name][done]
+                            matched = slice(start, min(part.start, start + self.batch_size))
+                            results[name][matched] = like[name][matched]
                         del like[name]
                     elif name not in results:
-                        results[name] = self._allocate(name, (self.n,) + array.shape[1:], array.dtype)
+                        results[name] = self._allocate((self.n,) + array.shape[1:], array.dtype)
                     results[name][part] = array
             results.update(like)  # every batch matched
-            self.store.update({k: v.close() if isinstance(v, _SpillWriter) else v for k, v in results.items()})
+            self.store.update({k: done(v) for k, v in results.items()})
             if self.cache is not None:
                 self.cache.put(key, [self.store[m] for m in missing], [self.store[k] for k in used])
         return [self.store.get(w) for w in wanted]
 
-    def _allocate(self, name: str, shape: tuple, dtype):
-        if self.spill_dir and np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize > self.spill_bytes:
-            fd, path = tempfile.mkstemp(dir=self.spill_dir, suffix=".npy")
-            os.close(fd)
-            return _SpillWriter(path, shape, dtype)
-        return np.empty(shape, dtype)
+    def _allocate(self, shape: tuple, dtype):
+        big = np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize > self.spill_bytes
+        return new_tensor(shape, dtype, self.spill_dir if big else None)
 
     def retain(self, targets: Iterable[str]) -> None:
         """Drop stored tensors that no target can need any more (targets: tensors still to compute)."""

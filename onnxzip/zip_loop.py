@@ -231,13 +231,14 @@ def _targets(state: ZipState, merged: Frontier, task: str, layer: Layer, record:
     if any(id(n) in layer_nodes for n in segment_nodes(model.graph, set(merged.store), residual[1])):
         return plain
     added = merged.compute(residual[1], lambda nodes: state.substitutions(task, nodes))
-    order = state.out_order(task, layer)  # view position -> channel: merged tensors are in view order
+    # merged tensors are in view order; take(.., to_view) puts them back in the original channel order
+    to_view = np.argsort(state.out_order(task, layer))
 
     def residual_rows(part: slice) -> np.ndarray:
         index = record.sample.batch(part)
         target = np.array(record.sum_rows[record.sample.span(part)], copy=True)
         for tensor in added:
-            target[:, order] -= output_rows(layer, tensor[part], index)
+            target -= np.take(output_rows(layer, tensor[part], index), to_view, axis=1)
         return target
     return residual_rows
 
@@ -247,8 +248,8 @@ def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options
     """Moments of the layer's inputs in the merged model (and cross moments with its original
     pre-activations, from the record, when calibrating), streamed batch by batch."""
     before = others[-1] if others else None
-    (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes),
-                          like={layer.input: before.inputs} if before is not None and before.inputs is not None else None)
+    like = {layer.input: before.inputs} if before is not None and before.inputs is not None else None
+    (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes), like=like)
     targets = _targets(state, merged, task, layer, record) if record is not None else None
     flat = (flat_range(state.al.models[task], layer, record.spread, options.activation_margin)
             if record is not None and record.spread is not None and options.activation_margin is not None else None)
