@@ -344,6 +344,19 @@ def test_the_originals_are_recorded_once_at_the_rows_each_layer_uses():
     assert all(checked.values()), checked
 
 
+def test_each_original_runs_once_per_merge_even_with_a_trade_off_curve(monkeypatch):
+    """The record of the originals does not depend on the sharing plan: a merge with its curve of
+    many plans still runs each original model in onnxruntime once."""
+    import onnxzip.record as record
+
+    sessions = []
+    real = record.make_session
+    monkeypatch.setattr(record, "make_session", lambda *a, **k: sessions.append(1) or real(*a, **k))
+    _, report = merge_case("mlp_legacy", curve=True)
+    assert len(report["curve"]) > 2
+    assert len(sessions) == 2
+
+
 def test_a_segment_every_task_computes_the_same_way_runs_once_and_is_held_once():
     """Two frontiers sharing a SegmentCache (every task's merged model over a shared trunk): the
     second gets the first's very tensor without running onnxruntime; a changed constant or input
