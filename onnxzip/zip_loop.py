@@ -161,23 +161,11 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
                 state.weights[(side.task, side.layer.index)] = task_only(side, order, options)
                 if options.calibrate and not side.exact:
                     state.modified[side.task].add(side.layer.index)
-        for i, (t, layer) in enumerate(layers.items()):
-            merged[t].compute([layer.output], lambda nodes, t=t: state.substitutions(t, nodes),
-                              like=_previous_output(merged, layers, i))
+        for t in layers:  # the next capture runs this layer, now merged, on its way to the next input
             merged[t].retain([l.input for l in al.models[t].layers[pos + 1:]])
         records.append(StepRecord(pos + 1, layers, joint, result, k, (sides[0].moments.rows, sides[0].available_rows)))
         progress("merge", (pos + 1) / depth, f"layer {pos + 1}/{depth} done")
     return state, records
-
-
-def _previous_output(merged: dict[str, Frontier], layers: dict[str, Layer], i: int) -> dict:
-    """For task number i at this position: the layer output of the task before it, which in a
-    shared trunk it equals (see Frontier.compute's `like`)."""
-    if i == 0:
-        return {}
-    names = list(layers)
-    theirs = merged[names[i - 1]].store.get(layers[names[i - 1]].output)
-    return {layers[names[i]].output: theirs} if theirs is not None else {}
 
 
 def _changed(view, side: TaskSide, options: MergeOptions) -> bool:
