@@ -7,11 +7,11 @@ activations themselves never are, and only one batch of them is alive at a time.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
-from .canonicalize import Layer
+from .canonicalize import CanonicalModel, Layer
 from .lowrank import LowRankHessian
 
 # Rows multiplied at once: bounds the float64 temporaries of one update.
@@ -86,13 +86,15 @@ class RowSample:
         return slice(int(lo), int(hi))
 
 
-def position_sample(layers: list[Layer], samples: int, per_sample: int, cap: Optional[int], seed: int) -> RowSample:
-    """The rows behind the Hessians at one layer position, given every task's layer there: the same
-    for all of them (tasks sharing a Gram, and the tied-channel statistics, compare rows one to one),
-    drawn from the merge seed and the position so every run uses the same rows."""
+def position_sample(models: Iterable[CanonicalModel], layer: Layer, samples: int, per_sample: int,
+                    cap: Optional[int], seed: int) -> RowSample:
+    """The rows behind the Hessians at `layer`'s position: the same for every task's layer there
+    (tasks sharing a Gram, and the tied-channel statistics, compare rows one to one), drawn from the
+    merge seed and the position so every run uses the same rows."""
     total = samples * per_sample
-    dim = max(int(np.prod(layer.weight.shape[1:])) for layer in layers)
-    return RowSample(total, kept_rows(total, dim, cap), per_sample, (seed, layers[0].index))
+    there = [m.layers[layer.index] for m in models if layer.index < len(m.layers)]
+    dim = max(int(np.prod(l.weight.shape[1:])) for l in there)
+    return RowSample(total, kept_rows(total, dim, cap), per_sample, (seed, layer.index))
 
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations, index: Optional[np.ndarray] = None) -> np.ndarray:

@@ -129,8 +129,7 @@ class OriginalRecord:
         shapes = {}
         for layer in layers:
             per_sample = len(output_rows(layer, out[layer.output][:1]))
-            at_position = [m.layers[layer.index] for m in al.models.values() if layer.index < len(m.layers)]
-            sample = position_sample(at_position, n, per_sample, options.hessian_rows, options.seed)
+            sample = position_sample(al.models.values(), layer, n, per_sample, options.hessian_rows, options.seed)
             self.records[(task, layer.index)] = LayerRecord(sample, None)
             shapes[(layer.index, "rows")] = (sample.kept, layer.width)
             if sums.get(layer.index):

@@ -246,8 +246,8 @@ def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options
     if record is not None:
         sample = record.sample
     else:
-        at_position = [m.layers[layer.index] for m in state.al.models.values() if layer.index < len(m.layers)]
-        sample = position_sample(at_position, len(x), rows_per_sample(layer, x), options.hessian_rows, options.seed)
+        sample = position_sample(state.al.models.values(), layer, len(x), rows_per_sample(layer, x),
+                                 options.hessian_rows, options.seed)
     if layer.depthwise:
         # output channel c reads input channel c: both in view order, targets too
         order = state.out_order(task, layer)
