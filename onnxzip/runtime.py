@@ -48,8 +48,31 @@ def cuda_available() -> bool:
         ort.set_default_logger_severity(_QUIET)
 
 
+def known_providers() -> list[str]:
+    """Every execution provider name this onnxruntime knows, the ones this build has first."""
+    ort = _ort()
+    available = list(ort.get_available_providers())
+    return available + [p for p in ort.get_all_providers() if p not in available]
+
+
 def default_providers() -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_available() else ["CPUExecutionProvider"]
+
+
+def resolve_providers(requested: Optional[Sequence[str]]) -> list[str]:
+    """The providers a merge runs on: the default, or the requested ones if each really runs here."""
+    if not requested:
+        return default_providers()
+    from .errors import InvalidOptionsError
+
+    available = _ort().get_available_providers()
+    for name in requested:
+        if name not in available or (name == "CUDAExecutionProvider" and not cuda_available()):
+            usable = default_providers()
+            raise InvalidOptionsError(
+                f"option providers: {name} cannot run here (this onnxruntime {_ort().__version__} can use "
+                f"{', '.join(usable)}); leave providers unset to use the best one that works")
+    return list(requested)
 
 
 def provider_options(providers: Sequence[str]) -> list[dict]:
