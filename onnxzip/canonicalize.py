@@ -8,7 +8,7 @@ Conv/Gemm nodes is a `Layer`: the unit that onnxzip pairs and merges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -93,6 +93,7 @@ class CanonicalModel:
     inputs: list[InputSpec]
     outputs: list[str]
     fixed_batch: Optional[int] = None  # a graph exported for one batch size only
+    unread: list[str] = field(default_factory=list)  # weighted nodes that are not layers (stay per task)
 
     @property
     def opset(self) -> int:
@@ -117,6 +118,7 @@ def canonicalize(model: onnx.ModelProto, label: str,
     opsets = list(model.opset_import)
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     graph = gs.import_onnx(inferred)
+    _name_nodes(graph)
     _castlike_to_cast(graph)
     graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
     _remove_identities(graph)
@@ -133,7 +135,27 @@ def canonicalize(model: onnx.ModelProto, label: str,
         layer.index = i
     return CanonicalModel(label=label, graph=graph, shapes=shapes, layers=layers, opset_imports=opsets,
                           ir_version=model.ir_version, inputs=input_specs(model),
-                          outputs=[o.name for o in model.graph.output], fixed_batch=fixed_batch)
+                          outputs=[o.name for o in model.graph.output], fixed_batch=fixed_batch,
+                          unread=_unread(graph, shapes))
+
+
+def _unread(graph: gs.Graph, shapes: dict[str, Shape]) -> list[str]:
+    """Nodes with constant weights that onnxzip does not merge (they stay per task), and why."""
+    out = []
+    for node in graph.nodes:
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or _is_layer(node):
+            continue
+        weight = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None:
+            continue  # a product of two activations (attention): no weights to merge
+        if node.op == "Conv" and weight.ndim != 4:
+            why = f"a {weight.ndim - 2}-D convolution"
+        elif node.op == "MatMul":
+            why = f"a MatMul on a rank-{len(shapes.get(node.inputs[0].name) or ())} input"
+        else:
+            why = {"ConvTranspose": "a transposed convolution"}.get(node.op, "weights onnxzip cannot read")
+        out.append(f"{node.op} '{node.name}' ({why})")
+    return out
 
 
 def _is_layer(node: gs.Node) -> bool:
@@ -164,6 +186,18 @@ def _constant(t) -> Optional[np.ndarray]:
 
 def _single_consumer(tensor: gs.Tensor, graph: gs.Graph) -> bool:
     return len(tensor.outputs) == 1 and tensor not in graph.outputs
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Every node gets a name (ONNX allows none; onnxzip names merged nodes and layers after them)."""
+    taken = {node.name for node in graph.nodes}
+    for i, node in enumerate(graph.nodes):
+        if not node.name:
+            name = f"{node.op}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
 
 
 def _castlike_to_cast(graph: gs.Graph) -> None:

@@ -13,9 +13,10 @@ import tempfile
 from typing import Optional
 
 from . import __version__
-from .errors import InvalidOptionsError, OnnxZipError
+from .errors import FidelityNotMetError, InvalidOptionsError, OnnxZipError
 
 EXIT_BAD_INPUT = 2
+EXIT_NOT_MET = 3  # a gate (--require-*) failed: no model written, the report still is
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlabelled inputs, one array per graph input keyed by input name")
     m.add_argument("--out", required=True, metavar="MERGED.onnx", help="where to write the merged model")
     m.add_argument("--share", type=float, default=1.0,
-                   help="fraction of each hidden layer's neurons to share (1.0 all, 0 none; default 1.0)")
+                   help="fraction of each hidden layer's neurons to share (1.0 all, 0 none; default 1.0). Partial "
+                        "sharing stores shared blocks once but computes nothing once: only a fully shared prefix "
+                        "(--zipper, or 1.0) saves multiply-adds")
     m.add_argument("--tasks", help="comma-separated task names, one per model (default a,b,...)")
     m.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
     m.add_argument("--html", metavar="REPORT.html", help="write the human report (tables and plots) here")
@@ -80,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--curve", action="store_true",
                    help="also compute the trade-off curve (first k layers shared, k = 0..L; share 0.25..1)")
     m.add_argument("--plot", metavar="PLOT.png", help="write the sharing / trade-off plot as a PNG")
+    m.add_argument("--seed", type=int, help="seed of the holdout split, row samples and random pairing (default 0)")
+    budget = m.add_argument_group("fidelity budgets and gates (held-out calibration samples, confidence bounds)")
+    budget.add_argument("--max-drop", type=float, metavar="P",
+                        help="plan the most sharing that keeps every task within P points of top-1 disagreement "
+                             "with its original (upper confidence bound); overrides --share/--zipper")
+    budget.add_argument("--max-rel-err", type=float, metavar="E",
+                        help="like --max-drop, for outputs that are not class scores: relative output error <= E")
+    budget.add_argument("--objective", choices=["macs", "params"],
+                        help="what a budget saves: multiply-adds (default; only a fully shared prefix is computed "
+                             "once) or parameters (partial sharing also stores shared blocks once)")
+    budget.add_argument("--require-agreement", type=float, metavar="A",
+                        help="gate: exit 3 and write no model when a task's top-1 agreement (lower bound) is below A")
+    budget.add_argument("--require-rel-err", type=float, metavar="E",
+                        help="gate: exit 3 and write no model when a task's relative error (upper bound) is above E")
+    budget.add_argument("--require-shared", type=float, metavar="F",
+                        help="gate: exit 3 and write no model when less than F of the multiply-adds is computed once")
+    budget.add_argument("--confidence", type=float,
+                        help="confidence of the bounds on every fidelity figure (default 0.95; 0.5: point estimates)")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("inspect", help="show how two models' layers align, without merging")
@@ -104,7 +125,8 @@ def _options(args) -> dict:
             "zipper": args.zipper, "calibrate": args.calibrate, "alpha": args.alpha,
             "pairing": args.pairing, "batch_size": args.batch_size, "holdout": args.holdout,
             "curve": args.curve, "target_opset": args.target_opset}
-    for name in ("damping", "activation_margin", "spill_mb", "hessian"):
+    for name in ("damping", "activation_margin", "spill_mb", "hessian", "seed", "max_drop", "max_rel_err", "objective",
+                 "require_agreement", "require_rel_err", "require_shared", "confidence"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if args.tasks:
@@ -180,9 +202,22 @@ def cmd_merge(args) -> int:
     try:
         model, report = merge(args.models, args.calibration, _options(args), evaluation=args.eval,
                               progress=bars)
+    except FidelityNotMetError as err:
+        bars.close()
+        _write_reports(args, err.report)
+        print(summary(err.report, None))
+        written = f" (report: {args.report})" if args.report else ""
+        print(f"onnxzip: fidelity not met: {err}; no model written to {args.out}{written}", file=sys.stderr)
+        return EXIT_NOT_MET
     finally:
         bars.close()
     _write_atomic(args.out, model.SerializeToString())
+    _write_reports(args, report)
+    print(summary(report, args.out))
+    return 0
+
+
+def _write_reports(args, report: dict) -> None:
     if args.report:
         _write_atomic(args.report, json.dumps(report, indent=2).encode())
     if args.html or args.plot:
@@ -193,29 +228,50 @@ def cmd_merge(args) -> int:
             _write_atomic(args.plot, png)
         if args.html:
             _write_atomic(args.html, render(report, png).encode())
-    print(summary(report, args.out))
-    return 0
 
 
-def summary(report: dict, out: str) -> str:
+def summary(report: dict, out: Optional[str]) -> str:
+    """What a person reads after a merge: sharing and its savings, data, fidelity with bounds, warnings."""
     t = report["totals"]
-    lines = [f"wrote {out}: {t['shared_neurons']} neurons shared in "
+    head = f"wrote {out}" if out else "merged (not written)"
+    lines = [f"{head}: {t['shared_neurons']} neurons shared in "
              f"{sum(1 for r in report['layers'] if r['shared'])} layers; parameters x{t['param_ratio']} smaller, "
-             f"multiply-adds x{t['macs_ratio']} fewer, file x{t['size_ratio']} smaller than the inputs together"]
+             f"multiply-adds x{t['macs_ratio']} fewer ({t['shared_macs_fraction']:.1%} computed once), "
+             f"file x{t['size_ratio']} smaller than the inputs together"]
+    cal = report["calibration"]
+    widest = cal["widest_layer"]
+    need = (f"; widest layer {widest['position']} ({widest['op']}): {widest['rows']:,} rows for {widest['unknowns']:,} "
+            "unknowns per neuron" if widest else "")
+    lines.append(f"  calibration: {cal['fit_samples']} samples fit the merge, {cal['holdout_samples']} held out to "
+                 f"measure it (recommended: {cal['recommended_fit_samples']}+ and {cal['min_holdout_samples']}+){need}")
+    if report.get("plan"):
+        plan = report["plan"]
+        lines.append(f"  plan: {plan['chosen']} chosen for the budget ({len(plan['tried'])} plans tried in "
+                     f"{plan['seconds']:.1f} s)")
     for task, fid in (report.get("fidelity") or {}).items():
-        parts = [f"rel. error {fid.get('rel_err', 0):.4f}"]
-        if "top1_agreement" in fid:
-            parts.append(f"top-1 agreement {fid['top1_agreement']:.4f}")
-        lines.append(f"  task {task}: {', '.join(parts)} on {fid['samples']} held-out calibration samples")
+        lines.append(f"  task {task}: {_fidelity_line(fid)} on {fid['samples']} held-out calibration samples")
     if report.get("tensorrt"):
         from .tensorrt import summary_line
 
         lines.append("  " + summary_line(report["tensorrt"]))
     for task, fid in (report.get("evaluation") or {}).items():
-        if "accuracy_merged" in fid:
-            lines.append(f"  task {task}: accuracy {fid['accuracy_original']:.4f} -> {fid['accuracy_merged']:.4f}"
-                         f" on {fid['samples']} evaluation samples")
+        if fid.get("accuracy_merged") is not None:
+            lines.append(f"  task {task}: accuracy {fid['accuracy_original']:.4f} -> {fid['accuracy_merged']:.4f} "
+                         f"(>= {fid['accuracy_merged_lower']:.4f}) on {fid['samples']} evaluation samples")
+    lines += [f"  warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _fidelity_line(fid: dict) -> str:
+    if not fid.get("measured"):
+        return "fidelity not measured (too few samples)"
+    level = f"{fid['confidence']:.0%}"
+    parts = []
+    if fid.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {fid['top1_agreement']:.4f} (>= {fid['top1_agreement_lower']:.4f} at {level})")
+    if fid.get("rel_err") is not None:
+        parts.append(f"rel. error {fid['rel_err']:.4f} (<= {fid['rel_err_upper']:.4f})")
+    return ", ".join(parts) or "compared"
 
 
 def cmd_inspect(args) -> int:

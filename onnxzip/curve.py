@@ -12,6 +12,7 @@ from .zip_loop import Prepared, Progress, Reuse, check_cancel, plan_shares, zip_
 
 
 CURVE_SHARES = (0.25, 0.5, 0.75, 1.0)
+CURVE_FIGURES = ("samples", "rel_err", "rel_err_upper", "top1_agreement", "top1_agreement_lower")
 
 
 def trade_off_curve(prepared: Prepared, options: MergeOptions, progress: Progress, cancel,
@@ -36,7 +37,7 @@ def trade_off_curve(prepared: Prepared, options: MergeOptions, progress: Progres
         points.append({"label": label, "setting": change,
                        "shared": [r["shared"] for r in summary["layers"]],
                        **{k: summary["totals"][k] for k in ("param_ratio", "macs_ratio", "size_ratio")},
-                       "fidelity": {t: {k: v for k, v in f.items() if k in ("rel_err", "top1_agreement")}
+                       "fidelity": {t: {k: v for k, v in f.items() if k in CURVE_FIGURES}
                                     for t, f in summary["fidelity"].items()}})
     progress("curve", 1.0, "trade-off curve done")
     return points

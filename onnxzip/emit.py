@@ -3,7 +3,9 @@
 Each task's canonical graph is exported with its view weights and prefixed `<task>/`. Weights are cut
 into blocks by owner set (rows by the neurons' owners, columns by the inputs' owners) and every block
 is stored once, named by its content; a task's weight is the Concat of its blocks (a constant
-subgraph that onnxruntime and TensorRT fold at load). Then common-subexpression elimination merges
+subgraph that onnxruntime and TensorRT fold at load). Blocks cost a few dozen bytes each (names, shapes,
+the Concat nodes): a layer whose shared blocks save fewer bytes than that keeps each task's weight
+whole, so partial sharing never makes the file larger. Then common-subexpression elimination merges
 nodes that compute the same thing from the same inputs: the shared trunk ends up computed once.
 """
 
@@ -30,19 +32,22 @@ class Emitted:
 def emit(state: ZipState) -> Emitted:
     al = state.al
     tasks = al.tasks
-    initializers: dict[str, onnx.TensorProto] = {}
+    initializers = _Constants()
     nodes: list[onnx.NodeProto] = []
     layer_node_names: dict[tuple[str, int], str] = {}
     layer_params: dict[tuple[str, int], set[str]] = {}
+    blocked = _worth_blocking(state)
     for task in tasks:
         model = al.models[task]
         proto = model.to_onnx()
         subs = state.substitutions(task, model.graph.nodes)
-        blocks = {layer.node.name: _blocks(state, task, layer) for layer in model.layers}
+        blocks = {layer.node.name: _blocks(state, task, layer) if (task, layer.index) in blocked
+                  else _whole(layer) for layer in model.layers}
         stored: dict[str, set[str]] = {}
-        nodes.extend(_task_graph(proto, task, subs, blocks, initializers, stored))
+        named = _naming(task, proto)
+        nodes.extend(_task_graph(proto, named, subs, blocks, initializers, stored))
         for layer in model.layers:
-            layer_node_names[(task, layer.index)] = f"{task}/{layer.node.name}"
+            layer_node_names[(task, layer.index)] = named(layer.node.name)
             layer_params[(task, layer.index)] = stored.get(layer.node.name, set())
     kept, rename, alias = _dedupe(nodes, dict((o.domain, o.version) for o in _opsets(al)))
     outputs = []
@@ -64,7 +69,7 @@ def emit(state: ZipState) -> Emitted:
                 inputs.append(value)
     used = {name for n in kept for name in n.input}
     graph = helper.make_graph(kept, "onnxzip_merged", inputs, outputs,
-                              initializer=[t for name, t in initializers.items() if name in used])
+                              initializer=[t for name, t in initializers.tensors.items() if name in used])
     model = helper.make_model(graph, opset_imports=_opsets(al), producer_name="onnxzip")
     model.ir_version = max(al.models[t].ir_version for t in tasks)
     layer_nodes = {k: alias.get(v, v) for k, v in layer_node_names.items()}
@@ -91,6 +96,42 @@ def _blocks(state: ZipState, task: str, layer: Layer):
     return _runs(row_owners), _runs(col_owners)
 
 
+def _whole(layer: Layer):
+    return [(0, layer.width)], [(0, layer.weight.shape[1])]
+
+
+# Serialized bytes a block adds beyond its values (TensorProto name, dims and tags; its name again where a
+# Concat reads it), and a Concat node (name, output, attribute): measured on typical emitted models.
+_BLOCK_BYTES, _CONCAT_BYTES = 64, 96
+
+
+def _worth_blocking(state: ZipState) -> set[tuple[str, int]]:
+    """The (task, layer index) pairs whose weights are stored as owner blocks: every layer position
+    where storing shared blocks once saves more bytes than the blocks and Concats add."""
+    al = state.al
+    out = set()
+    for pos in range(max(len(al.models[t].layers) for t in al.tasks)):
+        layers = {t: al.models[t].layers[pos] for t in al.tasks if pos < len(al.models[t].layers)}
+        runs = {t: _blocks(state, t, layer) for t, layer in layers.items()}
+        if all(len(r) == 1 and len(c) == 1 for r, c in runs.values()):
+            continue  # one block per task: splitting changes nothing
+        whole, parts, concats = {}, {}, 0  # content -> bytes: equal arrays are stored once either way
+        for t, layer in layers.items():
+            w, b = state.view_weights(t, layer)
+            whole.update({_digest(w): w.nbytes, _digest(b): b.nbytes})
+            rows, cols = runs[t]
+            for r0, r1 in rows:
+                parts[_digest(b[r0:r1])] = b[r0:r1].nbytes
+                for c0, c1 in cols:
+                    parts[_digest(w[r0:r1, c0:c1])] = w[r0:r1, c0:c1].nbytes
+            concats += len(rows) * (len(cols) > 1) + 2 * (len(rows) > 1)  # see _blocked
+        whole_cost = sum(whole.values()) + _BLOCK_BYTES * len(whole)
+        blocked_cost = sum(parts.values()) + _BLOCK_BYTES * len(parts) + _CONCAT_BYTES * concats
+        if blocked_cost < whole_cost:
+            out |= {(t, layer.index) for t, layer in layers.items()}
+    return out
+
+
 def _runs(owners: list) -> list[tuple[int, int]]:
     runs, start = [], 0
     for i in range(1, len(owners) + 1):
@@ -100,21 +141,53 @@ def _runs(owners: list) -> list[tuple[int, int]]:
     return runs
 
 
-def _content_name(array: np.ndarray, hint: str) -> str:
-    digest = hashlib.sha1(array.tobytes() + str(array.shape).encode() + str(array.dtype).encode())
-    return f"{hint}.{digest.hexdigest()[:12]}"
+def _digest(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array)
+    return hashlib.sha1(array.tobytes() + str(array.shape).encode() + str(array.dtype).encode()).hexdigest()
 
 
-def _store(array: np.ndarray, hint: str, initializers: dict) -> str:
-    name = _content_name(array, hint)
-    if name not in initializers:
-        initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
-    return name
+class _Constants:
+    """Constants stored once by content, each named '<hint>.<the shortest unclaimed prefix of its digest>'
+    (10 hex digits unless two contents share them): short names keep the file small."""
+
+    def __init__(self):
+        self.tensors: dict[str, onnx.TensorProto] = {}
+        self.named: dict[str, str] = {}  # digest -> name
+        self.taken: set[str] = set()
+
+    def put(self, array: np.ndarray, hint: str) -> str:
+        digest = _digest(array)
+        name = self.named.get(digest)
+        if name is None:
+            size = 10
+            while f"{hint}.{digest[:size]}" in self.taken:  # another content has this prefix
+                size += 2
+            name = f"{hint}.{digest[:size]}"
+            self.named[digest] = name
+            self.taken.add(name)
+            self.tensors[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
 
 
-def _task_graph(proto: onnx.ModelProto, task: str, subs: dict, blocks: dict, initializers: dict,
+def _naming(task: str, proto: onnx.ModelProto):
+    """Names in the merged graph: '<task>/<name>', written '<task>/name' rather than '<task>//name' for the
+    '/a/b' names exporters give (bytes in every name), unless that would make two names one. Graph outputs
+    always keep '<task>/<output>' (the contract)."""
+    outputs = {o.name for o in proto.graph.output}
+
+    def full(name: str) -> str:
+        return f"{task}/{name}"
+
+    def short(name: str) -> str:
+        return f"{task}{name}" if name.startswith("/") and name not in outputs else full(name)
+
+    names = {n.name for n in proto.graph.node} | {t for n in proto.graph.node for t in (*n.input, *n.output) if t}
+    return short if len({short(n) for n in names}) == len(names) else full
+
+
+def _task_graph(proto: onnx.ModelProto, named, subs: dict, blocks: dict, initializers: _Constants,
                 stored: dict[str, set[str]]) -> list[onnx.NodeProto]:
-    """This task's nodes, renamed `<task>/...`, with constants stored by content."""
+    """This task's nodes, renamed by `named` (`<task>/...`), with constants stored by content."""
     graph_inputs = {i.name for i in proto.graph.input}
     init_values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     init_values.update(subs)
@@ -127,25 +200,25 @@ def _task_graph(proto: onnx.ModelProto, task: str, subs: dict, blocks: dict, ini
             weight_inputs[node.input[2]] = (node.name, "B")
     for name, values in init_values.items():
         # Names come from content only, so equal blocks of different tasks become one initializer.
-        hint = {"W": "weight", "B": "bias"}.get(weight_inputs.get(name, ("", ""))[1], "const")
+        hint = {"W": "w", "B": "b"}.get(weight_inputs.get(name, ("", ""))[1], "c")
         if name in weight_inputs:
             node_name, kind = weight_inputs[name]
             names = stored.setdefault(node_name, set())
-            const_names[name] = _blocked(values, kind, blocks[node_name], f"{task}/{node_name}/{kind}",
+            const_names[name] = _blocked(values, kind, blocks[node_name], f"{named(node_name)}/{kind}",
                                          hint, initializers, extra_nodes, names)
         else:
-            const_names[name] = _store(values, hint, initializers)
+            const_names[name] = initializers.put(values, hint)
 
     def rename(tensor: str) -> str:
         if not tensor or tensor in graph_inputs:
             return tensor
-        return const_names.get(tensor, f"{task}/{tensor}")
+        return const_names.get(tensor, named(tensor))
 
     out = list(extra_nodes)
     for node in proto.graph.node:
         new = onnx.NodeProto()
         new.CopyFrom(node)
-        new.name = f"{task}/{node.name}"
+        new.name = named(node.name)
         del new.input[:]
         new.input.extend(rename(i) for i in node.input)
         del new.output[:]
@@ -154,13 +227,13 @@ def _task_graph(proto: onnx.ModelProto, task: str, subs: dict, blocks: dict, ini
     return out
 
 
-def _blocked(values: np.ndarray, kind: str, runs, base: str, hint: str, initializers: dict,
+def _blocked(values: np.ndarray, kind: str, runs, base: str, hint: str, initializers: _Constants,
              extra_nodes: list, names: set[str]) -> str:
     """Store a layer weight as owner-set blocks; return the tensor name that holds the whole weight."""
     row_runs, col_runs = runs
 
     def store(block):
-        name = _store(block, hint, initializers)
+        name = initializers.put(block, hint)
         names.add(name)
         return name
 

@@ -41,3 +41,19 @@ class CancelledError(OnnxZipError):
     """The caller asked the merge to stop (between stages)."""
 
     code = "cancelled"
+
+
+class NonFiniteError(OnnxZipError):
+    """The merge produced NaN or infinite weights or outputs; nothing is written or published."""
+
+    code = "non_finite_result"
+
+
+class FidelityNotMetError(OnnxZipError):
+    """A gate (require_agreement, require_rel_err, require_shared) failed; `report` says by how much."""
+
+    code = "fidelity_not_met"
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report

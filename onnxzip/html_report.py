@@ -35,7 +35,8 @@ def plot_png(report: dict) -> Optional[bytes]:
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, task in enumerate(report["tasks"]):
             for family, style in (("k=", "-"), ("share=", "--")):
-                pts = sorted((p for p in curve if p["label"].startswith(family) and p["fidelity"].get(task)),
+                pts = sorted((p for p in curve if p["label"].startswith(family)
+                              and (p["fidelity"].get(task) or {}).get("rel_err") is not None),
                              key=lambda p: p["param_ratio"])
                 xs = [p["param_ratio"] for p in pts]
                 ys = [p["fidelity"][task]["rel_err"] for p in pts]
@@ -74,16 +75,23 @@ def render(report: dict, png: Optional[bytes] = None) -> str:
     for name, section in (("held-out calibration samples", report.get("fidelity")),
                           ("evaluation samples", report.get("evaluation"))):
         for task, f in (section or {}).items():
-            acc = (f"{f['accuracy_original']:.4f} &rarr; {f['accuracy_merged']:.4f}"
-                   if "accuracy_merged" in f else "")
+            acc = (f"{f['accuracy_original']:.4f} &rarr; {_bounded(f, 'accuracy_merged', '&ge;')}"
+                   if f.get("accuracy_merged") is not None else "")
             fid.append(f"<tr><td>{esc(task)}</td><td>{name} ({f.get('samples', '')})</td>"
-                       f"<td>{f.get('rel_err', 0):.4g}</td><td>{f.get('top1_agreement', '')}</td><td>{acc}</td></tr>")
+                       f"<td>{_bounded(f, 'rel_err', '&le;')}</td><td>{_bounded(f, 'top1_agreement', '&ge;')}</td>"
+                       f"<td>{acc}</td></tr>")
     curve_rows = [f"<tr><td>{esc(p['label'])}</td><td>{p['param_ratio']}</td><td>{p['macs_ratio']}</td>"
-                  + "".join(f"<td>{p['fidelity'].get(k, {}).get('top1_agreement', '')}</td>" for k in tasks)
+                  + "".join(f"<td>{_bounded(p['fidelity'].get(k) or {}, 'top1_agreement', '&ge;')}</td>" for k in tasks)
                   + "</tr>" for p in report.get("curve") or []]
+    plan = report.get("plan")
+    plan_rows = [f"<tr><td>{esc(p['label'])}{' (chosen)' if p['label'] == plan['chosen'] else ''}</td>"
+                 f"<td>{p['macs_ratio']}</td><td>{p['param_ratio']}</td><td>{'yes' if p['meets'] else esc(p['miss'])}</td>"
+                 "</tr>" for p in (plan or {}).get("tried", [])]
     image = (f'<img alt="sharing per layer and trade-off" src="data:image/png;base64,'
              f'{base64.b64encode(png).decode()}">' if png else "")
     warnings = "".join(f"<li>{esc(w)}</li>" for w in report.get("warnings") or [])
+    plan_table = ("<h2>Budget: plans tried</h2><table><tr><th>plan</th><th>MACs ratio</th><th>params ratio</th>"
+                  "<th>meets the budget</th></tr>" + "".join(plan_rows) + "</table>") if plan_rows else ""
     curve = ("<h2>Trade-off curve</h2><table><tr><th>setting</th><th>params ratio</th><th>MACs ratio</th>"
              + "".join(f"<th>top-1 agreement {esc(k)}</th>" for k in tasks) + "</tr>" + "".join(curve_rows)
              + "</table>") if curve_rows else ""
@@ -100,6 +108,8 @@ fewer, file x{t.get('size_ratio')} smaller than the inputs together; {t.get('sha
 <h2>Fidelity</h2>
 <table><tr><th>task</th><th>measured on</th><th>relative output error</th><th>top-1 agreement</th><th>accuracy</th></tr>
 {''.join(fid)}</table>
+<p>Bounds are one-sided at the report's confidence; "not measured" below the minimum sample count.</p>
+{plan_table}
 {curve}
 <h2>Layers</h2>
 <table><tr><th>#</th><th>nodes</th><th>op</th><th>widths</th><th>shared</th><th>predicted error</th>
@@ -107,3 +117,12 @@ fewer, file x{t.get('size_ratio')} smaller than the inputs together; {t.get('sha
 {''.join(rows)}</table>
 </body></html>
 """
+
+
+def _bounded(entry: dict, key: str, sign: str) -> str:
+    """'0.9912 (&ge; 0.9743)': a figure with its bound, or 'not measured'."""
+    value = entry.get(key)
+    if value is None:
+        return "not measured" if key in entry else ""
+    bound = entry.get(f"{key}_lower", entry.get(f"{key}_upper"))
+    return f"{value:.4f}" + (f" ({sign} {bound:.4f})" if bound is not None else "")

@@ -37,6 +37,7 @@ def inspect_models(models: Sequence[str], calibration: Optional[str] = None,
         "aligned_layers": len(al.joint),
         "shareable_layers": sum(1 for r in rows if r["shareable"]),
         "stop_reason": al.stop_reason,
+        "unread": {t: al.models[t].unread for t in tasks},  # nodes with weights that stay per task
         # the merged model keeps the inputs' opset and ops (adding only Concat and Identity)
         "tensorrt": readiness(_as_merged(prepared)),
     }
@@ -71,5 +72,9 @@ def format_table(info: dict) -> str:
     lines.append(f"{info['shareable_layers']} of {len(info['layers'])} layer positions can be shared")
     if info["stop_reason"]:
         lines.append(f"alignment stops at {info['stop_reason']}")
+    for t, unread in info.get("unread", {}).items():
+        if unread:
+            lines.append(f"model {t}: {len(unread)} node(s) with weights onnxzip does not merge (they stay per task): "
+                         + ", ".join(unread[:3]) + (", ..." if len(unread) > 3 else ""))
     lines.append(summary_line(info["tensorrt"]))
     return "\n".join(lines)

@@ -268,20 +268,29 @@ def _shape_text(shape: tuple[Optional[int], ...]) -> str:
     return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
 
 
-def load_labels(path: str, tasks: list[str], n: int) -> dict[str, np.ndarray]:
-    """Optional labels in an evaluation .npz, keyed 'y<task>' (ya, yb, ...): one int per sample."""
+def load_labels(path: str, tasks: list[str], n: int, inputs: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Optional labels in an evaluation .npz, one int per sample: 'y<task>' by task name, or 'ya', 'yb',
+    ... by the models' order. Returns the labels per task and a warning for each array that is neither
+    an input nor a task's labels."""
     label = os.path.basename(path)
     headers = read_npz_headers(path, max_bytes=DEFAULT_MAX_CALIBRATION_BYTES)
+    by_position = {f"y{chr(ord('a') + i)}": t for i, t in enumerate(tasks)}
+    keys: dict[str, str] = {}
+    for task in tasks:
+        key = f"y{task}" if f"y{task}" in headers else next((k for k, t in by_position.items() if t == task), None)
+        if key in headers and (key == f"y{task}" or key not in {f"y{t}" for t in tasks}):
+            keys[task] = key
     labels = {}
     with np.load(path, allow_pickle=False) as npz:
-        for task in tasks:
-            key = f"y{task}"
-            if key not in headers:
-                continue
+        for task, key in keys.items():
             y = npz[key]
             if y.shape != (n,) or y.dtype.kind not in "iu":
                 raise InvalidCalibrationError(
                     f"'{label}': labels '{key}' must be {n} integers (one class index per sample), got "
                     f"shape {y.shape} dtype {y.dtype}")
             labels[task] = y
-    return labels
+    unused = [k for k in headers if k not in inputs and k not in keys.values()]
+    warnings = [f"'{label}': array '{k}' is neither a model input nor labels of a task (tasks "
+                f"{', '.join(tasks)}: labels are y<task> or ya, yb, ... in the models' order); it was ignored"
+                for k in unused]
+    return labels, warnings

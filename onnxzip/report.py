@@ -7,8 +7,9 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from . import __version__
+from . import __version__, checks
 from .canonicalize import Layer
+from .fidelity import measure
 from .runtime import make_session
 from .tensorrt import readiness
 
@@ -46,7 +47,8 @@ def build(prepared, state, emitted, records, options, seconds: float, evaluation
         macs_ratio=_ratio(totals["macs_before"], totals["macs_after"]),
         bytes_before=bytes_before, bytes_after=bytes_after, size_ratio=_ratio(bytes_before, bytes_after),
         shared_neurons=sum(r["shared"] for r in layers))
-    return {
+    totals["shared_macs_fraction"] = round(checks.shared_macs_fraction({"layers": layers, "totals": totals}), 4)
+    report = {
         "onnxzip": __version__,
         "tasks": prepared.tasks,
         "models": {t: {"source": al.models[t].label, "opset": al.models[t].opset,
@@ -54,17 +56,35 @@ def build(prepared, state, emitted, records, options, seconds: float, evaluation
                        "outputs": [f"{t}/{o}" for o in al.models[t].outputs]} for t in prepared.tasks},
         "options": options.model_dump(),
         "alignment": {"aligned_layers": len(al.joint), "stop_reason": al.stop_reason},
-        "calibration": {"fit_samples": _n(prepared.fit), "holdout_samples": _n(prepared.holdout)},
+        "calibration": checks.calibration_summary(prepared, records),
         "layers": layers,
         "totals": totals,
-        "fidelity": fidelity(prepared.originals, emitted.model, prepared.holdout, prepared.tasks,
-                             options.providers),
-        "evaluation": (fidelity(prepared.originals, emitted.model, evaluation[0], prepared.tasks,
-                                options.providers, evaluation[1]) if evaluation else None),
+        "fidelity": measure(prepared.originals, emitted.model, prepared.holdout, prepared.tasks, options.providers,
+                            confidence=options.confidence, seed=options.seed),
+        "evaluation": (measure(prepared.originals, emitted.model, evaluation[0], prepared.tasks, options.providers,
+                               evaluation[1], options.confidence, options.seed) if evaluation else None),
         "tensorrt": readiness(emitted.model),
-        "warnings": prepared.warnings,
+        "warnings": list(prepared.warnings),
         "seconds": round(seconds, 3),
     }
+    report["warnings"] += _warnings(report, al, options)
+    return report
+
+
+def _warnings(report: dict, al, options) -> list[str]:
+    """What the reader must not miss, one line each (checks.py)."""
+    lines = checks.calibration_warnings(report["calibration"], options.calibrate)
+    for t in al.tasks:
+        unread = al.models[t].unread
+        if unread:
+            lines.append(f"model {t}: {len(unread)} node(s) with weights onnxzip does not merge stay per task "
+                         f"(first: {unread[0]})")
+    if options.max_drop is None and options.max_rel_err is None:
+        line = checks.sharing_warning(report, al, checks.asked_neurons(al, options))
+        if line:
+            lines.append(line)
+    lines += checks.storage_warnings(report)
+    return lines
 
 
 def _layer_row(rec, al, emitted, inits, all_after) -> dict:
@@ -101,51 +121,6 @@ def _layer_row(rec, al, emitted, inits, all_after) -> dict:
     }
 
 
-def fidelity(originals: dict[str, onnx.ModelProto], merged: onnx.ModelProto, data: dict[str, np.ndarray],
-             tasks: list[str], providers=None, labels: Optional[dict[str, np.ndarray]] = None) -> dict:
-    """Per task: relative output error and top-1 agreement of the merged model with the original."""
-    if not data or _n(data) == 0:
-        return {}
-    session = make_session(merged, providers, optimize=True)
-    merged_inputs = {i.name for i in session.get_inputs()}
-    result = {}
-    for t in tasks:
-        ref_session = make_session(originals[t], providers, optimize=True)
-        names = [o.name for o in ref_session.get_outputs()]
-        feeds = {i.name: data[i.name] for i in ref_session.get_inputs()}
-        ref = ref_session.run(names, feeds)
-        got = session.run([f"{t}/{n}" for n in names], {k: v for k, v in data.items() if k in merged_inputs})
-        result[t] = _compare(names, ref, got, (labels or {}).get(t))
-        result[t]["samples"] = _n(data)
-    return result
-
-
-def _compare(names, ref, got, y) -> dict:
-    out: dict = {"outputs": {}}
-    main = None
-    for name, r, g in zip(names, ref, got):
-        r, g = np.asarray(r), np.asarray(g)
-        entry: dict = {}
-        if r.dtype.kind == "f":
-            entry["rel_err"] = float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
-            entry["max_abs_err"] = float(np.max(np.abs(g - r))) if r.size else 0.0
-            if r.ndim == 2 and r.shape[1] > 1:
-                entry["top1_agreement"] = float(np.mean(g.argmax(1) == r.argmax(1)))
-                if y is not None:
-                    entry["accuracy_original"] = float(np.mean(r.argmax(1) == y))
-                    entry["accuracy_merged"] = float(np.mean(g.argmax(1) == y))
-                main = main or entry
-        else:
-            entry["agreement"] = float(np.mean(g == r)) if r.shape == g.shape else 0.0
-        out["outputs"][name] = entry
-    if main:
-        out.update({k: v for k, v in main.items() if k != "max_abs_err"})
-    elif out["outputs"]:
-        first = next(iter(out["outputs"].values()))
-        out.update(first)
-    return out
-
-
 def run_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = make_session(model, ["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
@@ -159,6 +134,3 @@ def _params(model: onnx.ModelProto) -> int:
 def _ratio(before: float, after: float) -> Optional[float]:
     return round(before / after, 4) if after else None
 
-
-def _n(data: dict) -> int:
-    return len(next(iter(data.values()))) if data else 0

@@ -14,12 +14,12 @@ from .align import Alignment, JointLayer
 from .canonicalize import CanonicalModel, Layer
 from .capture import Frontier, SegmentCache, same_values, segment_nodes
 from .devicegram import DeviceMoments
-from .errors import CancelledError, InvalidOptionsError
+from .errors import CancelledError, InvalidOptionsError, NonFiniteError
 from .hessian import (ChannelMoments, KroneckerMoments, Moments, RowMoments, layer_rows, output_rows,
                       position_sample, rows_per_sample)
 from .layerzip import TaskSide, ZipResult, task_only, zip_layer
 from .options import MergeOptions
-from .runtime import default_providers
+from .runtime import resolve_providers
 from .state import ZipState
 from .record import LayerRecord, OriginalRecord, activation_after, residual_sum
 from .tied import TiedStats, tied_writers
@@ -57,23 +57,20 @@ def plan_shares(al: Alignment, options: MergeOptions) -> dict[int, int]:
         raise InvalidOptionsError(
             f"layer_share names layer(s) {unknown} that do not exist; use positions 1..{len(al.joint)} or "
             f"model {first}'s node names, as `onnxzip inspect` prints them")
-    plan = {}
-    for j in al.joint:
-        width = min(l.width for l in j.layers.values())
-        if not j.shareable:
-            plan[j.position] = 0
-            continue
-        override = options.layer_share.get(str(j.position), options.layer_share.get(j.layers[first].name))
-        if options.zipper is not None:
-            k = width if j.position <= options.zipper else 0
-        elif isinstance(override, int) and not isinstance(override, bool):
-            k = min(override, width)
-        elif override is not None:
-            k = int(round(float(override) * width))
-        else:
-            k = int(round(options.share * width))
-        plan[j.position] = k
-    return plan
+    return {j.position: asked_share(options, j.position, j.layers) if j.shareable else 0 for j in al.joint}
+
+
+def asked_share(options: MergeOptions, position: int, layers: dict[str, Layer]) -> int:
+    """Neurons the options ask to share at this position, whether or not it can be shared."""
+    width = min(l.width for l in layers.values())
+    override = options.layer_share.get(str(position), options.layer_share.get(next(iter(layers.values())).name))
+    if options.zipper is not None:
+        return width if position <= options.zipper else 0
+    if isinstance(override, int) and not isinstance(override, bool):
+        return min(override, width)
+    if override is not None:
+        return int(round(float(override) * width))
+    return int(round(options.share * width))
 
 
 @dataclass
@@ -109,7 +106,7 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     reuse = reuse or Reuse()
     al = prepared.alignment
     tasks = prepared.tasks
-    providers = options.providers or default_providers()
+    providers = resolve_providers(options.providers)
     plan = plan if plan is not None else plan_shares(al, options)
     shareable = len(al.shareable_layers())
     if options.zipper is not None and options.zipper > shareable:
@@ -140,14 +137,23 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         layers = {t: al.models[t].layers[pos] for t in tasks if pos < len(al.models[t].layers)}
         joint = joint_at.get(pos)
         k = plan.get(pos + 1, 0)
+        group = al.joint_group(tasks[0], al.channels[tasks[0]].layer_out[layers[tasks[0]].index]) if joint else None
+        view = fixed_views.get(group)
+        shares = joint is not None and joint.shareable and (k > 0 or (view is not None and view.shared > 0))
+        if not shares and all(state.input_exact(t, layer) for t, layer in layers.items()):
+            # nothing changes here (no sharing so far, none at this layer): its own weights, nothing to capture
+            t, layer = next(iter(layers.items()))
+            rows = len(next(iter(prepared.fit.values()))) * _positions(al.models[t], layer)
+            records.append(StepRecord(pos + 1, layers, joint, None, k, (0, rows)))
+            continue
         progress("merge", pos / depth, f"layer {pos + 1}/{depth}: capturing activations")
         sides: list[TaskSide] = []
         for t, layer in layers.items():
             record = reuse.record.get(t, layer) if options.calibrate else None
             sides.append(_capture(state, merged[t], t, layer, options, weights[t], sides, record))
+            _check_finite(sides[-1], pos + 1)
         result = None
-        group = al.joint_group(tasks[0], al.channels[tasks[0]].layer_out[layers[tasks[0]].index]) if joint else None
-        if joint is not None and joint.shareable and (k > 0 or group in fixed_views):
+        if joint is not None and joint.shareable and (k > 0 or view is not None):
             progress("merge", (pos + 0.5) / depth, f"layer {pos + 1}/{depth}: pairing and merging")
             result = zip_layer(sides, k, options, tasks, rng, view=fixed_views.get(group))
             state.views[group] = result.view
@@ -166,6 +172,12 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         records.append(StepRecord(pos + 1, layers, joint, result, k, (sides[0].moments.rows, sides[0].available_rows)))
         progress("merge", (pos + 1) / depth, f"layer {pos + 1}/{depth} done")
     return state, records
+
+
+def _positions(model: CanonicalModel, layer: Layer) -> int:
+    """Calibration rows one sample gives the layer: its output positions (1 for Gemm)."""
+    shape = model.shapes.get(layer.output) or ()
+    return int(np.prod([d for d in shape[2:] if d], dtype=np.int64)) if layer.kind == "conv" else 1
 
 
 def _changed(view, side: TaskSide, options: MergeOptions) -> bool:
@@ -296,6 +308,17 @@ def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options
             y_rows = FlatRange(*lo_hi).targets(y_rows, _response(layer, rows, w, b))
         moments.update(rows, y_rows)
     return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x, sample.total)
+
+
+def _check_finite(side: TaskSide, position: int) -> None:
+    """Overflowing activations would turn every solve downstream into NaN: stop here, naming the layer."""
+    m = side.moments
+    if np.isfinite(m.gram).all() and (m.cross is None or np.isfinite(m.cross).all()):
+        return
+    raise NonFiniteError(
+        f"layer {position} ({side.layer.name}) of model {side.task}: its activations on the calibration data "
+        "overflow to infinity or NaN; nothing was written. Give calibration data with the scale the models were "
+        "trained on (normalized as in training)")
 
 
 def _device_hessians(options: MergeOptions, providers) -> bool:

@@ -10,13 +10,15 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import onnx
 
+from . import checks, planner
 from . import report as reporting
 from .align import align
 from .canonicalize import CanonicalModel, canonicalize
 from .channels import analyze
 from .curve import trade_off_curve
 from .emit import emit
-from .errors import AlignmentError, InvalidCalibrationError, InvalidOptionsError
+from .fidelity import measure
+from .errors import AlignmentError, FidelityNotMetError, InvalidCalibrationError, InvalidOptionsError
 from .load import (InputSpec, check_calibration_arrays, check_model, default_opset, input_specs, load_calibration, load_labels,
                    load_model)
 from .options import MergeOptions, parse_options
@@ -41,6 +43,9 @@ def merge(models: Sequence[ModelSource], calibration: Union[str, dict], options=
         should_cancel: polled between stages; returning True stops with CancelledError.
     Returns:
         (merged ModelProto, report dict).
+    Raises:
+        FidelityNotMetError: a gate (require_agreement, require_rel_err, require_shared) failed; its
+            `report` says by how much.
     """
     options = options if isinstance(options, MergeOptions) else parse_options(options)
     progress = progress or (lambda stage, fraction, message: None)
@@ -50,24 +55,38 @@ def merge(models: Sequence[ModelSource], calibration: Union[str, dict], options=
     eval_data = _evaluation(evaluation, prepared) if evaluation is not None else None
     check_cancel(cancel)
     with tempfile.TemporaryDirectory(prefix="onnxzip-") as spill_dir:
-        return _merge_prepared(prepared, options, progress, cancel, started, eval_data, spill_dir)
+        model, report = _merge_prepared(prepared, options, progress, cancel, started, eval_data, spill_dir)
+    failure = checks.gate_failure(report, options)
+    if failure:
+        raise FidelityNotMetError(failure, report)
+    return model, report
 
 
 def _merge_prepared(prepared: Prepared, options: MergeOptions, progress: Progress, cancel, started: float,
                     eval_data, spill_dir: str) -> tuple[onnx.ModelProto, dict]:
     reuse = Reuse(spill_dir=spill_dir, spill_bytes=options.spill_mb * 2**20)
-    state, rows = zip_layers(prepared, options, progress, cancel, reuse=reuse)
-    progress("emit", 0.0, "writing the merged model")
-    emitted = emit(state)
+    plan = None
+    if planner.has_budget(options):
+        state, rows, emitted, plan = planner.plan_within_budget(prepared, options, progress, cancel, reuse)
+    else:
+        state, rows = zip_layers(prepared, options, progress, cancel, reuse=reuse)
+        progress("emit", 0.0, "writing the merged model")
+        emitted = emit(state)
     if options.target_opset and options.target_opset != default_opset(emitted.model):
         emitted.model = to_opset(emitted.model, options.target_opset, {k: v[:8] for k, v in prepared.fit.items()},
                                  prepared.warnings)
     _validate(emitted.model)
+    if not prepared.holdout:  # nothing measures the outputs below: check on a few fit samples that they are finite
+        measure(prepared.originals, emitted.model, {k: v[:64] for k, v in prepared.fit.items()}, prepared.tasks,
+                options.providers)
     progress("emit", 1.0, "merged model written")
     check_cancel(cancel)
     progress("report", 0.0, "measuring fidelity on held-out samples")
     report = reporting.build(prepared, state, emitted, rows, options,
                              seconds=time.perf_counter() - started, evaluation=eval_data)
+    if plan is not None:
+        report["plan"] = plan
+        report["warnings"] += plan.get("warnings", [])
     if options.curve:
         report["curve"] = trade_off_curve(prepared, options, progress, cancel, reuse)
         report["seconds"] = round(time.perf_counter() - started, 3)
@@ -119,7 +138,9 @@ def _synthetic_probe(specs: list[InputSpec]) -> dict[str, np.ndarray]:
 
 def _evaluation(path: str, prepared: Prepared):
     inputs = load_calibration(str(path), input_specs_of(prepared.originals), kind="evaluation")
-    return inputs, load_labels(str(path), prepared.tasks, len(next(iter(inputs.values()))))
+    labels, warnings = load_labels(str(path), prepared.tasks, len(next(iter(inputs.values()))), list(inputs))
+    prepared.warnings.extend(warnings)
+    return inputs, labels
 
 
 def _label(source: ModelSource, task: str) -> str:
@@ -165,8 +186,11 @@ def split(data: dict[str, np.ndarray], holdout: float, seed: int):
     """Random held-out part of the calibration samples, used only for the report's fidelity."""
     n = len(next(iter(data.values())))
     n_hold = int(round(n * holdout))
-    if n - n_hold < 2:
-        raise InvalidCalibrationError(f"only {n} calibration samples: give at least a few hundred")
+    if n - n_hold < checks.MIN_FIT_SAMPLES:
+        raise InvalidCalibrationError(
+            f"only {n} calibration samples, {n - n_hold} of them to fit the merge (holdout {holdout:g}): onnxzip needs "
+            f"at least {checks.MIN_FIT_SAMPLES} to fit; give a few hundred unlabelled samples "
+            f"({checks.RECOMMENDED_FIT_SAMPLES} or more to fit, and {checks.MIN_SAMPLES} held out to measure)")
     order = np.random.default_rng(seed).permutation(n)
     hold, fit = np.sort(order[:n_hold]), np.sort(order[n_hold:])
     return {k: v[fit] for k, v in data.items()}, {k: v[hold] for k, v in data.items()}
@@ -175,6 +199,7 @@ def split(data: dict[str, np.ndarray], holdout: float, seed: int):
 
 
 def _validate(model: onnx.ModelProto) -> None:
+    checks.check_finite_weights(model)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:  # a bug in onnxzip, never the user's fault: say so plainly
