@@ -30,13 +30,13 @@ local function move(id, seq, from, to)
   redis.call('ZREM', ns .. ':status:' .. from, id)
   redis.call('ZADD', ns .. ':status:' .. to, seq, id)
 end
-local function end_job(k, id, job, status, code, text, artifacts)
+local function end_job(k, id, job, status, code, text, artifacts, result)
   local t = now()
   local stage, progress, message = job.stage, job.progress, 'merged'
   if status == 'succeeded' then stage, progress = 'done', '1' end
   if code ~= '' then message = text end
   redis.call('HSET', k, 'status', status, 'stage', stage, 'progress', progress, 'message', message,
-    'finished_at', fmt(t), 'artifacts', artifacts)
+    'finished_at', fmt(t), 'artifacts', artifacts, 'result', result or '{}')
   if code ~= '' then redis.call('HSET', k, 'error_code', code, 'error_message', text) end
   redis.call('HDEL', k, 'lease_token', 'lease_expires')
   move(id, job.seq, job.status, status)
@@ -108,12 +108,12 @@ event(ARGV[2], now(), 'progress', 'running', ARGV[4], ARGV[5], ARGV[6])
 return 1
 """
 
-# ARGV: ns, id, token, status, error code ('' = none), error text, artifacts JSON
+# ARGV: ns, id, token, status, error code ('' = none), error text, artifacts JSON, result JSON
 _FINISH = """
 local k = ns .. ':job:' .. ARGV[2]
 local job = load(k)
 if not held(job, ARGV[3]) then return 0 end
-end_job(k, ARGV[2], job, ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+end_job(k, ARGV[2], job, ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 return 1
 """
 

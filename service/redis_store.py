@@ -36,7 +36,7 @@ from .store import (CANCEL, CANCELLED, CANCELLED_ERROR, FAILED, HELD, LOST, QUEU
 _JOB_FIELDS = {f.name for f in fields(Job)}
 _INTS = {"seq", "attempts", "max_attempts", "worker_pid"}
 _FLOATS = {"progress", "created_at", "started_at", "finished_at", "lease_expires", "cancel_requested_at"}
-_JSON = {"options", "inputs", "artifacts"}
+_JSON = {"options", "inputs", "artifacts", "result"}
 
 
 class Dispatcher(Protocol):
@@ -209,7 +209,8 @@ class RedisJobStore:
         return bool(self._run("progress", job_id, token, stage, repr(float(progress)), message))
 
     def finish(self, job_id: str, token: str, status: str, *, error: Optional[tuple[str, str]] = None,
-               artifacts: Optional[list[dict]] = None, publish: Optional[Callable[[], None]] = None) -> bool:
+               artifacts: Optional[list[dict]] = None, publish: Optional[Callable[[], None]] = None,
+               result: Optional[dict] = None) -> bool:
         """End the attempt. Redis cannot hold a lock around files, so `publish` must be None: artifacts
         here are written under the attempt's own names before the record points at them."""
         if publish is not None:
@@ -217,7 +218,8 @@ class RedisJobStore:
         if status == CANCELLED and error is None:
             error = CANCELLED_ERROR
         code, text = error or ("", "")
-        return bool(self._run("finish", job_id, token, status, code, text, json.dumps(artifacts or [])))
+        return bool(self._run("finish", job_id, token, status, code, text, json.dumps(artifacts or []),
+                              json.dumps(result or {})))
 
     # --- the supervisors ----------------------------------------------------------------------------
 

@@ -77,6 +77,44 @@ class ArtifactPublic(BaseModel):
     url: str
 
 
+class TaskFidelity(BaseModel):
+    """One task's fidelity on the held-out calibration samples, with one-sided bounds at `confidence`."""
+
+    samples: int
+    measured: bool = Field(description="False below the minimum sample count: the figures are then null.")
+    confidence: float
+    top1_agreement: Optional[float] = None
+    top1_agreement_lower: Optional[float] = None
+    rel_err: Optional[float] = None
+    rel_err_upper: Optional[float] = None
+
+
+class MergeResult(BaseModel):
+    """What a finished merge reported (report.json holds the rest): present on a succeeded job and on one that
+    failed its fidelity gate (fidelity_not_met)."""
+
+    warnings: list[str] = Field(description="One line each: too little calibration data, a merge that shares "
+                                            "much less than asked, graph parts not read, ...")
+    fidelity: dict[str, TaskFidelity] = Field(description="Per task.")
+    shared_neurons: int
+    param_ratio: Optional[float] = None
+    macs_ratio: Optional[float] = None
+    size_ratio: Optional[float] = None
+    shared_macs_fraction: float = Field(description="Fraction of the originals' multiply-adds computed once.")
+    plan: Optional[str] = Field(None, description="The plan a budget (max_drop, max_rel_err) chose, e.g. 'k=3'.")
+
+    @classmethod
+    def of_report(cls, report: dict) -> "MergeResult":
+        totals = report["totals"]
+        keys = TaskFidelity.model_fields
+        return cls(warnings=report.get("warnings", []),
+                   fidelity={t: {k: v for k, v in f.items() if k in keys} for t, f in (report.get("fidelity") or {}).items()},
+                   shared_neurons=totals["shared_neurons"], param_ratio=totals["param_ratio"],
+                   macs_ratio=totals["macs_ratio"], size_ratio=totals["size_ratio"],
+                   shared_macs_fraction=totals["shared_macs_fraction"],
+                   plan=(report.get("plan") or {}).get("chosen"))
+
+
 class JobPublic(BaseModel):
     """A merge job as clients see it."""
 
@@ -98,7 +136,10 @@ class JobPublic(BaseModel):
     inputs: list[InputPublic]
     options: MergeOptions
     error: Optional[ErrorDetail] = None
-    artifacts: list[ArtifactPublic] = Field(description="Present once the job has succeeded.")
+    result: Optional[MergeResult] = Field(None, description="The merge's warnings, fidelity with bounds and savings, "
+                                                            "once it has finished (also when its gate failed).")
+    artifacts: list[ArtifactPublic] = Field(description="merged.onnx, report.json and report.html once the job has "
+                                                        "succeeded; only the reports when its fidelity gate failed.")
 
     @classmethod
     def of(cls, job: Job) -> "JobPublic":
@@ -110,6 +151,7 @@ class JobPublic(BaseModel):
             inputs=[InputPublic(**{k: i[k] for k in ("role", "name", "size", "sha256")}) for i in job.inputs],
             options=MergeOptions.model_construct(**job.options),  # as stored, even if the schema moved on
             error=ErrorDetail(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+            result=MergeResult(**job.result) if job.result else None,
             artifacts=[ArtifactPublic(**a, media_type=MEDIA_TYPES[a["name"]],
                                       url=f"/v1/merges/{job.id}/artifacts/{a['name']}") for a in job.artifacts])
 

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     options TEXT NOT NULL,
     inputs TEXT NOT NULL,
     artifacts TEXT NOT NULL DEFAULT '[]',
+    result TEXT NOT NULL DEFAULT '{}',
     error_code TEXT,
     error_message TEXT,
     worker_pid INTEGER,
@@ -60,7 +61,7 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_JSON = ("options", "inputs", "artifacts")
+_JSON = ("options", "inputs", "artifacts", "result")
 _CANCELLED_ERROR = CANCELLED_ERROR
 
 
@@ -74,6 +75,13 @@ class SqliteJobStore:
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")  # persistent: readers never wait for the writer
         conn.executescript(SCHEMA)
+        columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if "result" not in columns:  # a data dir from before job results: add the column, keep the jobs
+            try:
+                conn.execute("ALTER TABLE jobs ADD COLUMN result TEXT NOT NULL DEFAULT '{}'")
+            except sqlite3.OperationalError as err:  # another process of the service added it first
+                if "duplicate column" not in str(err):
+                    raise
 
     # --- plumbing -----------------------------------------------------------------------------------
 
@@ -118,15 +126,15 @@ class SqliteJobStore:
                          (job_id, token, RUNNING)).fetchone()
 
     def _end(self, c: sqlite3.Connection, row: sqlite3.Row, status: str, error: Optional[tuple[str, str]],
-             artifacts: Optional[list[dict]] = None, message: str = "") -> None:
+             artifacts: Optional[list[dict]] = None, message: str = "", result: Optional[dict] = None) -> None:
         code, text = error or (None, None)
         stage = "done" if status == SUCCEEDED else row["stage"]
         progress = 1.0 if status == SUCCEEDED else row["progress"]
         message = message or (text if error else "merged")
         c.execute("UPDATE jobs SET status=?, stage=?, progress=?, message=?, finished_at=?, error_code=?, "
-                  "error_message=?, artifacts=?, lease_token=NULL, lease_expires=NULL WHERE id=?",
+                  "error_message=?, artifacts=?, result=?, lease_token=NULL, lease_expires=NULL WHERE id=?",
                   (status, stage, progress, message, time.time(), code, text, json.dumps(artifacts or []),
-                   row["id"]))
+                   json.dumps(result or {}), row["id"]))
         self._event(c, row["id"], "status", status, stage, progress, message)
 
     # --- the API ------------------------------------------------------------------------------------
@@ -238,7 +246,8 @@ class SqliteJobStore:
         return bool(updated)
 
     def finish(self, job_id: str, token: str, status: str, *, error: Optional[tuple[str, str]] = None,
-               artifacts: Optional[list[dict]] = None, publish: Optional[Callable[[], None]] = None) -> bool:
+               artifacts: Optional[list[dict]] = None, publish: Optional[Callable[[], None]] = None,
+               result: Optional[dict] = None) -> bool:
         with self._write() as c:
             row = self._row(c, job_id, token)
             if row is None:
@@ -247,7 +256,7 @@ class SqliteJobStore:
                 error = _CANCELLED_ERROR
             if publish is not None:
                 publish()  # under the write lock: nobody can re-claim the job while files move in place
-            self._end(c, row, status, error, artifacts)
+            self._end(c, row, status, error, artifacts, result=result)
         return True
 
     # --- the supervisor -----------------------------------------------------------------------------

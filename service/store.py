@@ -64,6 +64,7 @@ class Job:
     finished_at: Optional[float] = None
     attempts: int = 0
     artifacts: list[dict] = field(default_factory=list)
+    result: dict = field(default_factory=dict)  # what the merge reported (warnings, fidelity, savings): schemas.MergeResult
     error_code: Optional[str] = None
     error_message: Optional[str] = None
     worker_pid: Optional[int] = None
@@ -117,7 +118,8 @@ class JobStore(Protocol):
     def lease_state(self, job_id: str, token: str) -> str: ...
     def progress(self, job_id: str, token: str, stage: str, progress: float, message: str) -> bool: ...
     def finish(self, job_id: str, token: str, status: str, *, error: Optional[tuple[str, str]] = None,
-               artifacts: Optional[list[dict]] = None, publish: Optional[Callable[[], None]] = None) -> bool:
+               artifacts: Optional[list[dict]] = None, publish: Optional[Callable[[], None]] = None,
+               result: Optional[dict] = None) -> bool:
         """End the attempt; `publish` (moving artifacts in place) runs only while the lease is held."""
 
     # --- the supervisor

@@ -17,9 +17,10 @@ import threading
 import time
 import traceback
 
-from onnxzip.errors import CancelledError, OnnxZipError
+from onnxzip.errors import CancelledError, FidelityNotMetError, OnnxZipError
 
 from .artifacts import open_artifacts
+from .schemas import MergeResult
 from .settings import Settings, load_settings
 from .store import CANCEL, CANCELLED, FAILED, HELD, HOST, LOST, SUCCEEDED, TRANSIENT, Job, JobStore, open_store
 from .uploads import rename
@@ -33,6 +34,7 @@ EXIT_ORPHANED, EXIT_STUCK = 3, 4
 # The engine's stages and the share of the whole job each takes (for one overall progress fraction).
 # A stage the table does not know keeps the fraction where it was; the fraction never goes back.
 STAGES = {"starting": (0.0, 0.0), "load": (0.0, 0.05), "canonicalize": (0.05, 0.15), "merge": (0.15, 0.85),
+          "plan": (0.15, 0.85),
           "emit": (0.85, 0.9), "report": (0.9, 0.95), "curve": (0.9, 0.95), "artifacts": (0.95, 1.0)}
 
 
@@ -148,13 +150,22 @@ def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
         files, publish = artifacts.save(job.id, token, {
             "merged.onnx": model.SerializeToString(), "report.json": json.dumps(report, indent=2).encode(),
             "report.html": render(report).encode()})
-        committed = store.finish(job.id, token, SUCCEEDED, artifacts=files, publish=publish)
+        committed = store.finish(job.id, token, SUCCEEDED, artifacts=files, publish=publish,
+                                 result=MergeResult.of_report(report).model_dump(mode="json"))
         if committed:
             artifacts.prune(job.id, token)
         return True
     except CancelledError:
         store.finish(job.id, token, CANCELLED)
         return False
+    except FidelityNotMetError as err:  # the reports are kept so the miss can be read; no model is published
+        files, publish = artifacts.save(job.id, token, {
+            "report.json": json.dumps(err.report, indent=2).encode(), "report.html": render(err.report).encode()})
+        committed = store.finish(job.id, token, FAILED, error=(err.code, rename(str(err), names)), artifacts=files,
+                                 publish=publish, result=MergeResult.of_report(err.report).model_dump(mode="json"))
+        if committed:
+            artifacts.prune(job.id, token)
+        return True
     except OnnxZipError as err:
         store.finish(job.id, token, FAILED, error=(err.code, rename(str(err), names)))
         return True

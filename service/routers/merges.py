@@ -206,11 +206,15 @@ def get_artifact(job_id: str, name: str, request: Request, store: StoreDep, arti
     if name not in MEDIA_TYPES:
         raise ApiError(404, "not_found", f"no artifact '{name}': a finished job has "
                                          f"{', '.join(MEDIA_TYPES)}")
-    if job.status != SUCCEEDED:
-        raise ApiError(409, "job_not_finished" if not job.finished else "no_artifacts",
-                       f"job {job_id} is {job.status}: artifacts exist only once it has succeeded"
-                       + ("; poll GET /v1/merges/" + job_id if not job.finished else ""))
-    meta = next(a for a in job.artifacts if a["name"] == name)
+    if not job.finished:
+        raise ApiError(409, "job_not_finished", f"job {job_id} is {job.status}: artifacts exist once it has "
+                                                f"finished; poll GET /v1/merges/{job_id}")
+    meta = next((a for a in job.artifacts if a["name"] == name), None)
+    if meta is None:
+        have = ", ".join(a["name"] for a in job.artifacts) or "none"
+        raise ApiError(409 if not job.artifacts else 404, "no_artifacts" if not job.artifacts else "not_found",
+                       f"job {job_id} {job.status} without '{name}' (its artifacts: {have})"
+                       + ("; a job whose fidelity gate failed keeps only its reports" if job.artifacts else ""))
     etag = f'"{meta["sha256"]}"'
     if if_none_match is not None and _etag_matches(if_none_match, meta["sha256"]):
         return Response(status_code=304, headers={"ETag": etag})
