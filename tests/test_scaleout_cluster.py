@@ -176,6 +176,7 @@ def test_twenty_jobs_a_killed_worker_and_a_restarted_api_lose_nothing(cluster, r
         done = {job_id: wait_job(c, job_id, timeout=150) for job_id in [long_job["id"], *small]}
         failed = {k: v for k, v in done.items() if v["status"] != "succeeded"}
         assert not failed, failed
+        assert all(v["result"]["fidelity"]["a"]["measured"] for v in done.values()), "the Redis store keeps results"
         assert done[long_job["id"]]["attempts"] == 2
         assert all(done[job_id]["attempts"] == 1 for job_id in small), "no small job may run twice"
         events = c.get(f"/v1/merges/{long_job['id']}/events").json()
@@ -365,6 +366,13 @@ def test_artifacts_on_s3_stream_back_exactly_what_the_worker_uploaded(tmp_path, 
                 assert list((data_dir / "jobs").iterdir()) == [], "no job files on local disk with S3"
             assert c.delete(f"/v1/merges/{job['id']}").status_code == 204
             assert "Contents" not in s3.list_objects_v2(Bucket="onnxzip-artifacts", Prefix=prefix)
+            # a missed gate on this deployment: the reports are uploaded and served, no model is
+            gated = wait_job(c, submit(c, options='{"require_agreement": 0.999}').json()["id"], timeout=90)
+            assert gated["status"] == "failed" and gated["error"]["code"] == "fidelity_not_met", gated
+            assert sorted(a["name"] for a in gated["artifacts"]) == ["report.html", "report.json"]
+            served = c.get(f"/v1/merges/{gated['id']}/artifacts/report.json")
+            assert served.status_code == 200 and served.json()["fidelity"]["a"]["top1_agreement_lower"] < 0.999
+            assert gated["result"]["fidelity"]["a"]["samples"] == 102
     finally:
         for process in (worker, api):
             if process is not None:

@@ -148,6 +148,15 @@ BAD_SUBMISSIONS = [
     ("options-unknown-field", bad_options('{"shar": 1.0}'), 422, "invalid_options", ["shar"]),
     ("options-out-of-range", bad_options('{"share": 2}'), 422, "invalid_options", ["share", "1"]),
     ("options-task-count", bad_options('{"tasks": ["only"]}'), 422, "invalid_options", ["1 task names", "2 models"]),
+    ("options-huge-damping", bad_options('{"damping": 1e308}'), 422, "invalid_options", ["damping", "100"]),
+    ("options-infinity", bad_options('{"damping": Infinity}'), 422, "invalid_options", ["damping", "finite"]),
+    ("options-infinite-spill", bad_options('{"spill_mb": Infinity}'), 422, "invalid_options", ["spill_mb", "finite"]),
+    ("options-nan-share", bad_options('{"share": NaN}'), 422, "invalid_options", ["share", "finite"]),
+    ("options-negative-seed", bad_options('{"seed": -1}'), 422, "invalid_options", ["seed", "0"]),
+    ("options-unknown-provider", bad_options('{"providers": ["GpuOfMyOwnExecutionProvider"]}'), 422,
+     "invalid_options", ["providers", "GpuOfMyOwnExecutionProvider", "CPUExecutionProvider"]),
+    ("options-budget-and-zipper", bad_options('{"max_drop": 1, "zipper": 2}'), 422, "invalid_options",
+     ["budget", "zipper"]),
     ("calibration-missing-input", bad_calibration(npz_bytes(x=calib()), "mine.npz"), 422, "invalid_calibration",
      ["mine.npz", "'input'", "'x'"]),
     ("calibration-wrong-shape", bad_calibration(npz_bytes(input=calib()[:, :63])), 422, "invalid_calibration",
@@ -197,13 +206,15 @@ def test_bad_request_is_refused_with_what_to_fix(client, method, path, status, c
     assert_error(client.request(method, path), status, code, *needles)
 
 
-def test_artifacts_exist_only_for_succeeded_jobs(client):
-    """An unfinished job's artifact: 409 (poll first); an unknown artifact name or a path trick in it: 404."""
+def test_artifacts_exist_only_for_finished_jobs(client):
+    """An unfinished job's artifact: 409 (poll first); a cancelled job has none (409); an unknown artifact
+    name or a path trick in it: 404."""
     job = submit(client, calibration=long_calibration(), options=LONG_OPTIONS).json()
     assert_error(client.get(f"/v1/merges/{job['id']}/artifacts/merged.onnx"), 409, "job_not_finished",
-                 "artifacts exist only once it has succeeded", "poll")
+                 "artifacts exist once it has finished", "poll")
     assert client.post(f"/v1/merges/{job['id']}/cancel").status_code in (200, 202)
     assert wait_job(client, job["id"], timeout=30)["status"] == "cancelled"
+    assert_error(client.get(f"/v1/merges/{job['id']}/artifacts/report.json"), 409, "no_artifacts", "cancelled")
     good = wait_job(client, submit(client).json()["id"])
     assert good["status"] == "succeeded"
     for name in ("model.onnx", "..%2F..%2F..%2Fonnxzip.db", "..%2Finputs%2Fmodel-0.onnx", "%2Fetc%2Fpasswd"):

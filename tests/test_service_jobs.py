@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from conftest import ROOT, run
-from test_service_server import (LONG_OPTIONS, MLP, assert_error, long_calibration, pid_alive,
+from test_service_server import (LONG_OPTIONS, MLP, assert_error, long_calibration, npz_bytes, pid_alive,
                                  start_server, submit, wait_job, wait_until, worker_pids)
 
 OPTIONS = {"share": 1.0, "tasks": ["digit", "mod4"]}
@@ -247,3 +247,46 @@ def test_fifty_concurrent_submissions_all_complete_once(client):
     assert set(ids) <= set(seen)
     created = [client.get(f"/v1/merges/{i}").json()["created_at"] for i in seen[:10]]
     assert created == sorted(created, reverse=True), "newest first"
+
+
+# --- trust: what the job says about the model it made -------------------------------------------------------
+
+def test_a_finished_job_carries_fidelity_bounds_and_warnings(client):
+    """Few calibration samples still merge, but the job says so: warnings, and fidelity 'not measured'
+    with the sample count rather than a figure from a handful of samples."""
+    with np.load(MLP / "calib.npz") as f:
+        few = npz_bytes(**{k: v[:40] for k, v in f.items()})
+    done = wait_job(client, submit(client, calibration=few).json()["id"])
+    assert done["status"] == "succeeded", done
+    result = done["result"]
+    assert any("only 32 calibration samples fit the merge" in w for w in result["warnings"])
+    assert any("fidelity not measured" in w for w in result["warnings"])
+    assert result["fidelity"]["a"]["samples"] == 8 and result["fidelity"]["a"]["measured"] is False
+    assert result["fidelity"]["a"]["top1_agreement"] is None
+    full = wait_job(client, submit(client).json()["id"])
+    fid = full["result"]["fidelity"]["b"]
+    assert fid["measured"] and fid["samples"] == 102 and fid["confidence"] == 0.95
+    assert fid["top1_agreement_lower"] < fid["top1_agreement"] and fid["rel_err_upper"] > fid["rel_err"]
+    assert full["result"]["macs_ratio"] > 1.9 and full["result"]["shared_macs_fraction"] > 0.9
+
+
+def test_a_missed_fidelity_gate_fails_the_job_and_keeps_its_reports(client):
+    """require_agreement above what 102 held-out samples can show: failed, fidelity_not_met, the reports
+    downloadable, no merged model published."""
+    job = submit(client, options=json.dumps({"require_agreement": 0.999})).json()
+    done = wait_job(client, job["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "fidelity_not_met", done
+    assert "task a" in done["error"]["message"] and "lower bound" in done["error"]["message"]
+    assert sorted(a["name"] for a in done["artifacts"]) == ["report.html", "report.json"]
+    report = client.get(f"/v1/merges/{job['id']}/artifacts/report.json")
+    assert report.status_code == 200 and report.json()["fidelity"]["a"]["samples"] == 102
+    assert done["result"]["fidelity"]["a"]["top1_agreement_lower"] < 0.999
+    assert_error(client.get(f"/v1/merges/{job['id']}/artifacts/merged.onnx"), 404, "not_found", "only its reports")
+
+
+def test_calibration_that_overflows_fails_the_job_with_nothing_published(client):
+    with np.load(MLP / "calib.npz") as f:
+        huge = npz_bytes(**{k: v * 1e18 for k, v in f.items()})
+    done = wait_job(client, submit(client, calibration=huge).json()["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "non_finite_result", done
+    assert "overflow" in done["error"]["message"] and done["artifacts"] == []

@@ -114,3 +114,27 @@ def test_pages_are_newest_first_and_never_repeat(store):
         seen += [j.id for j in page]
         before = page[-1].seq
     assert seen == ids[::-1]
+
+
+def test_a_data_dir_from_before_job_results_keeps_its_jobs_and_gains_results(tmp_path):
+    """The jobs table of an earlier release has no `result` column: opening it adds the column (twice
+    over, as the API and its workers all open the store) and its finished jobs read as before."""
+    import sqlite3
+
+    from service import sqlite_store
+
+    old_schema = sqlite_store.SCHEMA.replace("    result TEXT NOT NULL DEFAULT '{}',\n", "")
+    assert "result" not in old_schema
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(old_schema)
+    conn.execute("INSERT INTO jobs (id, status, created_at, max_attempts, options, inputs, artifacts) "
+                 "VALUES ('old', 'succeeded', 1.0, 3, '{}', '[]', '[]')")
+    conn.commit()
+    conn.close()
+    first, second = SqliteJobStore(path), SqliteJobStore(path)
+    assert first.get("old").status == SUCCEEDED and first.get("old").result == {}
+    job = new_job(second)
+    claimed = second.claim(pid=1, host="h", lease_s=60)
+    assert second.finish(job.id, claimed.lease_token, SUCCEEDED, result={"warnings": ["w"]})
+    assert first.get(job.id).result == {"warnings": ["w"]}
