@@ -118,6 +118,23 @@ def first_blocker(report: dict, alignment) -> str:
     return "no hidden layer of the models can be shared"
 
 
+# Below this held-out top-1 agreement the report suggests what can recover it.
+LOW_AGREEMENT = 0.98
+
+
+def fidelity_warnings(report: dict, options) -> list[str]:
+    """A task that keeps little agreement with its original: say so, and what can help."""
+    low = [(t, f["top1_agreement"]) for t, f in (report.get("fidelity") or {}).items()
+           if f.get("top1_agreement") is not None and f["top1_agreement"] < LOW_AGREEMENT]
+    if not low:
+        return []
+    help_ = "share fewer layers (--zipper, --max-drop)" + ("" if options.distill else
+                                                         ", or --distill to train the merged weights toward the originals")
+    tasks = ", ".join(f"{t} {a:.1%}" for t, a in low)
+    return [f"low held-out top-1 agreement with the original ({tasks}): the networks may lack the capacity for this "
+            f"much sharing; {help_}"]
+
+
 def storage_warnings(report: dict) -> list[str]:
     """Partial sharing stores shared blocks once but computes nothing once: say so where it happened."""
     lines = []

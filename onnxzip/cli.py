@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gate: exit 3 and write no model when less than F of the multiply-adds is computed once")
     budget.add_argument("--confidence", type=float,
                         help="confidence of the bounds on every fidelity figure (default 0.95; 0.5: point estimates)")
+    distill = m.add_argument_group("label-free distillation (needs the distill extra: PyTorch)")
+    distill.add_argument("--distill", action="store_true",
+                         help="after the closed-form merge, train the merged weights toward the original models "
+                              "on the calibration inputs; kept only if no task gets worse on the held-out samples")
+    distill.add_argument("--distill-steps", type=int, metavar="N", help="most training steps (default 2000)")
+    distill.add_argument("--distill-seconds", type=float, metavar="S", help="most training seconds (default 600)")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("inspect", help="show how two models' layers align, without merging")
@@ -124,9 +130,10 @@ def _options(args) -> dict:
     opts = {"share": args.share, "layer_share": args.layer_share, "epsilon": args.epsilon,
             "zipper": args.zipper, "calibrate": args.calibrate, "alpha": args.alpha,
             "pairing": args.pairing, "batch_size": args.batch_size, "holdout": args.holdout,
-            "curve": args.curve, "target_opset": args.target_opset}
+            "curve": args.curve, "target_opset": args.target_opset, "distill": args.distill}
     for name in ("damping", "activation_margin", "spill_mb", "hessian", "seed", "max_drop", "max_rel_err", "objective",
-                 "require_agreement", "require_rel_err", "require_shared", "confidence"):
+                 "require_agreement", "require_rel_err", "require_shared", "confidence", "distill_steps",
+                 "distill_seconds"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if args.tasks:
@@ -248,6 +255,8 @@ def summary(report: dict, out: Optional[str]) -> str:
         plan = report["plan"]
         lines.append(f"  plan: {plan['chosen']} chosen for the budget ({len(plan['tried'])} plans tried in "
                      f"{plan['seconds']:.1f} s)")
+    if report.get("distill"):
+        lines.append("  " + _distill_line(report["distill"]))
     for task, fid in (report.get("fidelity") or {}).items():
         lines.append(f"  task {task}: {_fidelity_line(fid)} on {fid['samples']} held-out calibration samples")
     if report.get("tensorrt"):
@@ -260,6 +269,16 @@ def summary(report: dict, out: Optional[str]) -> str:
                          f"(>= {fid['accuracy_merged_lower']:.4f}) on {fid['samples']} evaluation samples")
     lines += [f"  warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _distill_line(section: dict) -> str:
+    if not section.get("steps"):
+        return "distillation: skipped, the closed-form merge is kept"
+    agreement = ", ".join(f"{t} {f['closed_form']['top1_agreement']:.3f} -> {f['distilled']['top1_agreement']:.3f}"
+                          for t, f in section["fidelity"].items() if f["closed_form"]["top1_agreement"] is not None)
+    why = f" ({section['why']})" if section.get("why") else ""
+    return (f"distillation: {section['steps']} steps in {section['seconds']:.1f} s (stopped: {section['stopped']}), "
+            f"kept the {section['kept']} weights{why}" + (f"; held-out top-1 agreement {agreement}" if agreement else ""))
 
 
 def _fidelity_line(fid: dict) -> str:

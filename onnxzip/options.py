@@ -115,6 +115,19 @@ class MergeOptions(BaseModel):
         "macs",
         description="What a budget saves: multiply-adds (only a fully shared prefix is computed once) or "
         "parameters (partial sharing also stores shared blocks once).")
+    distill: bool = Field(
+        False,
+        description="After the closed-form merge, train the merged weights to match the original models on the "
+        "calibration inputs (no labels: the originals are the teachers); the held-out samples pick the best "
+        "weights, and the result is kept only if no task's held-out fidelity gets worse. Needs the distill "
+        "extra (PyTorch).")
+    distill_steps: int = Field(
+        2000, ge=1, le=10_000_000,
+        description="Most training steps of distillation (it stops earlier when the held-out loss stops "
+        "improving).")
+    distill_seconds: float = Field(
+        600.0, gt=0, le=7 * 86400.0,
+        description="Most seconds distillation may train (the best weights so far are kept).")
     require_agreement: Optional[float] = Field(
         None, ge=0.0, le=1.0,
         description="Gate: fail (CLI exit 3, REST fidelity_not_met, no merged model) when any task's top-1 "
@@ -159,6 +172,12 @@ class MergeOptions(BaseModel):
     def _one_plan(self):
         if (self.max_drop is not None or self.max_rel_err is not None) and (self.zipper is not None or self.layer_share):
             raise ValueError("a budget (max_drop, max_rel_err) plans the sharing itself: drop zipper and layer_share")
+        return self
+
+    @model_validator(mode="after")
+    def _distill_needs_held_out(self):
+        if self.distill and self.holdout == 0:
+            raise ValueError("distill keeps the best weights by the held-out samples: holdout must be above 0")
         return self
 
     @model_validator(mode="after")

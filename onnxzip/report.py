@@ -84,6 +84,7 @@ def _warnings(report: dict, al, options) -> list[str]:
         if line:
             lines.append(line)
     lines += checks.storage_warnings(report)
+    lines += checks.fidelity_warnings(report, options)
     return lines
 
 

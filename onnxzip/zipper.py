@@ -16,6 +16,7 @@ from .align import align
 from .canonicalize import CanonicalModel, canonicalize
 from .channels import analyze
 from .curve import trade_off_curve
+from .distill import distill, require_torch
 from .emit import emit
 from .fidelity import measure
 from .errors import AlignmentError, FidelityNotMetError, InvalidCalibrationError, InvalidOptionsError
@@ -48,6 +49,8 @@ def merge(models: Sequence[ModelSource], calibration: Union[str, dict], options=
             `report` says by how much.
     """
     options = options if isinstance(options, MergeOptions) else parse_options(options)
+    if options.distill:
+        require_torch()
     progress = progress or (lambda stage, fraction, message: None)
     cancel = should_cancel or (lambda: False)
     started = time.perf_counter()
@@ -72,6 +75,13 @@ def _merge_prepared(prepared: Prepared, options: MergeOptions, progress: Progres
         state, rows = zip_layers(prepared, options, progress, cancel, reuse=reuse)
         progress("emit", 0.0, "writing the merged model")
         emitted = emit(state)
+    distilled = None
+    if options.distill:
+        progress("distill", 0.0, "training the merged weights toward the originals")
+        state, distilled = distill(prepared, state, emitted, options, progress, cancel)
+        if distilled["kept"] == "distilled":
+            emitted = emit(state)
+        progress("distill", 1.0, f"distillation: kept the {distilled['kept']} weights")
     if options.target_opset and options.target_opset != default_opset(emitted.model):
         emitted.model = to_opset(emitted.model, options.target_opset, {k: v[:8] for k, v in prepared.fit.items()},
                                  prepared.warnings)
@@ -87,6 +97,10 @@ def _merge_prepared(prepared: Prepared, options: MergeOptions, progress: Progres
     if plan is not None:
         report["plan"] = plan
         report["warnings"] += plan.get("warnings", [])
+    if distilled is not None:
+        report["distill"] = distilled
+        if "warning" in distilled:
+            report["warnings"].append(distilled["warning"])
     if options.curve:
         report["curve"] = trade_off_curve(prepared, options, progress, cancel, reuse)
         report["seconds"] = round(time.perf_counter() - started, 3)

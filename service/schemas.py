@@ -102,6 +102,8 @@ class MergeResult(BaseModel):
     size_ratio: Optional[float] = None
     shared_macs_fraction: float = Field(description="Fraction of the originals' multiply-adds computed once.")
     plan: Optional[str] = Field(None, description="The plan a budget (max_drop, max_rel_err) chose, e.g. 'k=3'.")
+    distilled: Optional[str] = Field(None, description="With distill: which weights were kept, 'distilled' or "
+                                                       "'closed-form' (distillation did not improve the held-out fidelity).")
 
     @classmethod
     def of_report(cls, report: dict) -> "MergeResult":
@@ -112,7 +114,8 @@ class MergeResult(BaseModel):
                    shared_neurons=totals["shared_neurons"], param_ratio=totals["param_ratio"],
                    macs_ratio=totals["macs_ratio"], size_ratio=totals["size_ratio"],
                    shared_macs_fraction=totals["shared_macs_fraction"],
-                   plan=(report.get("plan") or {}).get("chosen"))
+                   plan=(report.get("plan") or {}).get("chosen"),
+                   distilled=(report.get("distill") or {}).get("kept"))
 
 
 class JobPublic(BaseModel):

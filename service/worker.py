@@ -34,7 +34,7 @@ EXIT_ORPHANED, EXIT_STUCK = 3, 4
 # The engine's stages and the share of the whole job each takes (for one overall progress fraction).
 # A stage the table does not know keeps the fraction where it was; the fraction never goes back.
 STAGES = {"starting": (0.0, 0.0), "load": (0.0, 0.05), "canonicalize": (0.05, 0.15), "merge": (0.15, 0.85),
-          "plan": (0.15, 0.85),
+          "plan": (0.15, 0.85), "distill": (0.85, 0.9),
           "emit": (0.85, 0.9), "report": (0.9, 0.95), "curve": (0.9, 0.95), "artifacts": (0.95, 1.0)}
 
 
