@@ -19,7 +19,10 @@ COPY pyproject.toml README.md ./
 COPY onnxzip ./onnxzip
 COPY service ./service
 # The same install the README gives for a scale-out box; onnxruntime-gpu is pinned to the CUDA above.
-RUN pip install ".[scale]" "onnxruntime-gpu==1.31.1"
+# Distillation (--distill) needs PyTorch: build with ONNXZIP_EXTRAS=scale,distill (PyPI's torch wheel brings
+# its own CUDA libraries and trains on the GPU when the container has one; about 3 GB more in the image).
+ARG ONNXZIP_EXTRAS=scale
+RUN pip install ".[${ONNXZIP_EXTRAS}]" "onnxruntime-gpu==1.31.1"
 
 RUN useradd --create-home --uid 10001 onnxzip && mkdir -p /data && chown onnxzip /data
 USER onnxzip

@@ -60,8 +60,9 @@ def test_embedded_compose_is_one_gpu_container_with_a_data_volume():
 def test_dockerfile_installs_as_the_readme_says_and_runs_as_non_root_with_a_healthcheck():
     text = DOCKERFILE.read_text()
     readme = (ROOT / "README.md").read_text()
-    install = re.search(r'pip install (".\[scale\]")', text)
-    assert install and f"pip install {install.group(1)}" in readme
+    extras = re.search(r"^ARG ONNXZIP_EXTRAS=(\S+)", text, re.M)
+    assert extras and f'pip install ".[{extras.group(1)}]"' in readme  # the default build: the README's install
+    assert 'pip install ".[${ONNXZIP_EXTRAS}]"' in text and "ONNXZIP_EXTRAS=scale,distill" in readme
     assert re.search(r"^FROM nvidia/cuda:13\.\d+\.\d+-cudnn-runtime", text, re.M)  # CUDA 13 + cuDNN 9
     assert "onnxruntime-gpu==" in text and not re.search(r"pip install[^\n]*\bonnxruntime[=> ]", text)
     assert re.search(r"^USER (?!root)\w+", text, re.M)

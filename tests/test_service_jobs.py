@@ -290,3 +290,13 @@ def test_calibration_that_overflows_fails_the_job_with_nothing_published(client)
     done = wait_job(client, submit(client, calibration=huge).json()["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "non_finite_result", done
     assert "overflow" in done["error"]["message"] and done["artifacts"] == []
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torch") is None, reason="needs the distill extra")
+def test_a_job_can_distill_and_says_which_weights_it_kept(client):
+    options = json.dumps({"distill": True, "distill_steps": 40})
+    done = wait_job(client, submit(client, options=options).json()["id"])
+    assert done["status"] == "succeeded", done
+    assert done["result"]["distilled"] in ("distilled", "closed-form")
+    report = client.get(f"/v1/merges/{done['id']}/artifacts/report.json").json()
+    assert report["distill"]["steps"] == 40 and report["distill"]["kept"] == done["result"]["distilled"]
