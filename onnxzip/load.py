@@ -97,7 +97,7 @@ def check_model(model: onnx.ModelProto, label: str) -> None:
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
         raise InvalidModelError(
             f"'{label}' uses opset {opset}; onnxzip reads opsets {MIN_OPSET}..{MAX_OPSET}: re-export the "
-            f"model with an opset in that range (opset 17 suits TensorRT 8.5/8.6)")
+            f"model with an opset in that range (opset 17 suits TensorRT 8.5 and 8.6)")
     for spec in input_specs(model):
         if spec.dtype.kind not in "fiub":
             raise InvalidModelError(f"'{label}': input '{spec.name}' has unsupported type {spec.dtype}")

@@ -91,7 +91,7 @@ class MergeOptions(BaseModel):
         "default: on when the CUDA provider is used.")
     target_opset: Optional[int] = Field(
         None, ge=11, le=23,
-        description="Write the merged model in this opset (e.g. 17 for TensorRT 8.5/8.6) instead of the "
+        description="Write the merged model in this opset (e.g. 17 for TensorRT 8.5 and 8.6) instead of the "
         "inputs' opset; converted with onnx's version converter and checked to compute the same outputs.")
     curve: bool = Field(
         False,

@@ -1,8 +1,9 @@
 """Can TensorRT on a Jetson read this model? Opset and operators, checked without TensorRT.
 
 The operator list is onnx-tensorrt's support matrix (every op marked supported in its operators.md
-for TensorRT 8.4-8.5), plus HardSwish. The parser of TensorRT 8.5/8.6 (JetPack 5, JetPack 6.0)
-reads opsets up to 17; TensorRT 10.x up to 20.
+for TensorRT 8.4-8.5), plus HardSwish; TensorRT 8.6 added LayerNormalization (transformers, ConvNeXt)
+and 10.x Gelu and GroupNormalization (their release notes). The parsers of TensorRT 8.5 (JetPack 5)
+and 8.6 (JetPack 6.0) read opsets up to 17; TensorRT 10.x up to 20.
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan
 TopK Transpose Unsqueeze Upsample Where Xor
 """.split())
 
-# (name, highest opset its ONNX parser reads)
-VERSIONS = (("TensorRT 8.5/8.6 (JetPack 5, JetPack 6.0)", 17), ("TensorRT 10.x (JetPack 6.1+)", 20))
+# (name, highest opset its ONNX parser reads, operators it parses)
+VERSIONS = (("TensorRT 8.5 (JetPack 5)", 17, TRT_OPS),
+            ("TensorRT 8.6 (JetPack 6.0)", 17, TRT_OPS | {"LayerNormalization"}),
+            ("TensorRT 10.x (JetPack 6.1+)", 20, TRT_OPS | {"LayerNormalization", "GroupNormalization", "Gelu"}))
 
 
 def readiness(model: onnx.ModelProto) -> dict:
     """Which TensorRT versions can parse `model`, and what stops the others."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     foreign = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-    unknown = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} - TRT_OPS)
-    result = {"opset": opset, "ops_outside_tensorrt": unknown + foreign, "versions": {}}
-    for name, max_opset in VERSIONS:
+    used = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+    newest_ops = VERSIONS[-1][2]
+    result = {"opset": opset, "ops_outside_tensorrt": sorted(used - newest_ops) + foreign, "versions": {}}
+    for name, max_opset, ops in VERSIONS:
         blockers = ([f"opset {opset} > {max_opset}"] if opset > max_opset else []) + \
-            [f"op {op} not parsed" for op in unknown + foreign]
+            [f"op {op} not parsed" for op in sorted(used - ops) + foreign]
         result["versions"][name] = {"readable": not blockers, "blockers": blockers}
     return result
 

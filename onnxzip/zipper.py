@@ -23,7 +23,7 @@ from .errors import AlignmentError, FidelityNotMetError, InvalidCalibrationError
 from .load import (InputSpec, check_calibration_arrays, check_model, default_opset, input_specs, load_calibration, load_labels,
                    load_model)
 from .options import MergeOptions, parse_options
-from .opsets import harmonize_opsets, to_opset
+from .opsets import check_target, harmonize_opsets, to_opset
 from .zip_loop import Prepared, Progress, Reuse, check_cancel, zip_layers
 
 ModelSource = Union[str, onnx.ModelProto]
@@ -116,6 +116,8 @@ def prepare(models: Sequence[ModelSource], calibration, options: MergeOptions,
     tasks = options.task_names(len(models))
     progress("load", 0.0, "reading models")
     originals = {t: _load(m) for t, m in zip(tasks, models)}
+    if options.target_opset:
+        check_target(originals, options.target_opset)
     specs = input_specs_of(originals)
     warnings: list[str] = []
     if calibration is not None:
