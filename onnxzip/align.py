@@ -26,6 +26,9 @@ class JointLayer:
     layers: dict[str, Layer]
     shareable: bool
     reason: Optional[str] = None  # why it cannot be shared
+    # Shared in the original channel order only (no pairing): its channels pass through an op onnxzip does
+    # not permute through (an attention's reshape into heads). Says which.
+    fixed_order: Optional[str] = None
 
 
 @dataclass
@@ -146,7 +149,10 @@ def _input_mismatch(tasks, layers, channels, jf) -> Optional[str]:
         if [s.inner for s in ref.segments] != [s.inner for s in lay.segments]:
             return "the layers read differently shaped inputs (flattened blocks differ)"
         for a, b in zip(ref.segments, lay.segments):
-            if jf.find((tasks[0], channels[tasks[0]].find(a.group))) != jf.find((t, channels[t].find(b.group))):
+            ga, gb = (tasks[0], channels[tasks[0]].find(a.group)), (t, channels[t].find(b.group))
+            if a.group in channels[tasks[0]].opaque and b.group in channels[t].opaque:
+                jf.union(ga, gb)  # inputs not followed: one joint group of per-task columns
+            elif jf.find(ga) != jf.find(gb):
                 return "the layers read different channels (the graphs are wired differently)"
     return None
 
@@ -164,47 +170,42 @@ def _one_group_per_task(tasks, channels, jf) -> Optional[str]:
 
 def _mark_shareable(al: Alignment) -> None:
     """A joint group is shareable when every layer writing it, in every model, is an aligned layer
-    whose channels are free (not frozen) and which reads only shareable groups or shared inputs;
-    a joint layer shares exactly when its output group does."""
+    whose channels are free (not frozen) or can be shared in their original order (`_order_shareable`);
+    a joint layer shares exactly when its output group does.
+    A writer may read channels that are not shared (per task: its shared neurons keep per-task weights
+    for them, MTZ Sec. 3.2), but then it reads them per task and is not computed once."""
     tasks, n_joint = al.tasks, len(al.joint)
-    everyone = {name for name, owners in al.shared_inputs.items() if len(owners) == len(tasks)}
-    fixed = {al.joint_group(t, g) for t in tasks for key, g in al.channels[t].input_group.items()
-             if key[0] <= everyone}
     writers: dict[int, list[tuple[str, Layer]]] = {}
     for t in tasks:
         for layer in al.models[t].layers:
             writers.setdefault(al.joint_group(t, al.channels[t].layer_out[layer.index]), []).append((t, layer))
     excluded: dict[int, str] = {}
+    in_order: dict[int, str] = {}  # frozen groups shared with the identity pairing
     for g, ws in writers.items():
         for t, layer in ws:
             why = al.channels[t].frozen_reason(al.channels[t].layer_out[layer.index])
             if layer.index >= n_joint:
                 excluded[g] = "beyond the aligned layers"
+            elif why and why.startswith("graph output"):
+                excluded[g] = f"its output reaches {why}"
             elif why:
-                excluded[g] = (f"its output reaches {why}" if why.startswith("graph output")
-                               else f"its channels pass through {why}")
+                in_order[g] = f"its channels pass through {why}"
+                if not _order_shareable(why, ws):
+                    excluded[g] = in_order[g]
             if g in excluded:
                 break
-    changed = True
-    while changed:  # a group is shareable only if what its writers read is
-        changed = False
-        for g, ws in writers.items():
-            if g in excluded:
-                continue
-            for t, layer in ws:
-                lay = al.channels[t].layer_in.get(layer.index)
-                if lay is None:
-                    excluded[g] = "its input is not a channel layout onnxzip can follow"
-                else:
-                    for seg in lay.segments:
-                        sg = al.joint_group(t, seg.group)
-                        if sg != g and sg not in fixed and (sg in excluded or sg not in writers):
-                            excluded[g] = "it reads channels that are not shared"
-                            break
-                if g in excluded:
-                    changed = True
-                    break
     for j in al.joint:
         t, layer = tasks[0], j.layers[tasks[0]]
         g = al.joint_group(t, al.channels[t].layer_out[layer.index])
         j.shareable, j.reason = g not in excluded, excluded.get(g)
+        j.fixed_order = in_order.get(g) if j.shareable else None
+
+
+def _order_shareable(why: str, writers: list[tuple[str, Layer]]) -> bool:
+    """Channels onnxzip cannot permute through can still be shared in their original order (channel i
+    of every task into one neuron, every task's later ops reading it where they always did), when
+    every task has the same number of them. Not a grouped conv's (its input blocks would mix) nor a
+    graph input's."""
+    if why.startswith(("grouped Conv", "graph input")):
+        return False
+    return len({layer.width for _, layer in writers}) == 1 and len({t for t, _ in writers}) > 1

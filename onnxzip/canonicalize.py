@@ -17,6 +17,8 @@ import onnx_graphsurgeon as gs
 
 from .errors import UnsupportedGraphError
 from .load import InputSpec, input_specs
+from .affines import fold_layer_scales, fold_norm_affines
+from .rewrites import identity_gathers
 from .runtime import make_session, _ort
 
 Shape = tuple[Optional[int], ...]  # None marks the batch dimension
@@ -24,9 +26,12 @@ Shape = tuple[Optional[int], ...]  # None marks the batch dimension
 
 @dataclass
 class Layer:
-    """A Conv or Gemm with constant weights, in canonical form."""
+    """A layer with constant weights, in canonical form: Conv (any spatial rank, channels on axis 1),
+    Gemm (rank-2 input), or a channels-last linear layer on a rank >= 3 input, written
+    Transpose(W) -> MatMul -> Add(b) (ConvNeXt's and transformers' Linear). Weights are always
+    `weight` (out, in, ...) and `bias` (out,)."""
 
-    node: gs.Node
+    node: gs.Node  # the Conv, Gemm or MatMul
     kind: str  # "conv" or "linear"
     index: int  # position among the model's layers, in topological order
 
@@ -35,12 +40,27 @@ class Layer:
         return self.node.name
 
     @property
+    def matmul(self) -> bool:
+        return self.node.op == "MatMul"
+
+    @property
+    def weight_const(self) -> gs.Constant:
+        return self.node.inputs[1].inputs[0].inputs[0] if self.matmul else self.node.inputs[1]
+
+    @property
+    def bias_const(self) -> gs.Constant:
+        if self.matmul:
+            add = self.node.outputs[0].outputs[0]
+            return next(t for t in add.inputs if isinstance(t, gs.Constant))
+        return self.node.inputs[2]
+
+    @property
     def weight(self) -> np.ndarray:
-        return self.node.inputs[1].values
+        return self.weight_const.values
 
     @property
     def bias(self) -> np.ndarray:
-        return self.node.inputs[2].values
+        return self.bias_const.values.reshape(-1)
 
     @property
     def input(self) -> str:
@@ -48,7 +68,13 @@ class Layer:
 
     @property
     def output(self) -> str:
-        return self.node.outputs[0].name
+        """The pre-activation: the Conv/Gemm output, or the bias Add's after a MatMul."""
+        return (self.node.outputs[0].outputs[0] if self.matmul else self.node).outputs[0].name
+
+    @property
+    def channel_axis(self) -> int:
+        """Axis of the input and output channels: 1 for Conv, the last one for linear layers."""
+        return 1 if self.kind == "conv" else -1
 
     @property
     def width(self) -> int:
@@ -73,7 +99,8 @@ class Layer:
 
     def describe(self) -> str:
         if self.kind == "linear":
-            return f"Gemm {self.weight.shape[1]}->{self.width}"
+            op = "MatMul" if self.matmul else "Gemm"
+            return f"{op} {self.weight.shape[1]}->{self.width}"
         k = "x".join(map(str, self.kernel))
         s = "x".join(map(str, self.strides))
         g = f" group={self.groups}" if self.groups > 1 else ""
@@ -122,12 +149,16 @@ def canonicalize(model: onnx.ModelProto, label: str,
     _castlike_to_cast(graph)
     graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
     _remove_identities(graph)
+    identity_gathers(graph, lambda g: export(g, opsets, model.ir_version), probe)
     shapes, fixed_batch = probe_shapes(graph, opsets, model.ir_version, probe, label)
     _reshape_to_flatten(graph, shapes)
     _matmul_to_gemm(graph, shapes)
+    _channels_last_linears(graph, shapes)
     _normalize_gemms(graph)
     _normalize_convs(graph, shapes)
     _fold_batchnorms(graph)
+    fold_norm_affines(graph, shapes, _is_layer, _const)
+    fold_layer_scales(graph, _is_layer, _const)
     graph.cleanup().toposort()
     layers = [Layer(node, "conv" if node.op == "Conv" else "linear", 0)
               for node in graph.nodes if _is_layer(node)]
@@ -148,8 +179,8 @@ def _unread(graph: gs.Graph, shapes: dict[str, Shape]) -> list[str]:
         weight = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None:
             continue  # a product of two activations (attention): no weights to merge
-        if node.op == "Conv" and weight.ndim != 4:
-            why = f"a {weight.ndim - 2}-D convolution"
+        if node.op == "Conv":
+            why = f"a {weight.ndim - 2}-D convolution" if not 3 <= weight.ndim <= 5 else "a Conv it cannot read"
         elif node.op == "MatMul":
             why = f"a MatMul on a rank-{len(shapes.get(node.inputs[0].name) or ())} input"
         else:
@@ -159,12 +190,14 @@ def _unread(graph: gs.Graph, shapes: dict[str, Shape]) -> list[str]:
 
 
 def _is_layer(node: gs.Node) -> bool:
+    if node.op == "MatMul":
+        return _is_linear_matmul(node)
     if node.op not in ("Conv", "Gemm") or len(node.inputs) != 3:
         return False
     if not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
         return False
     if node.op == "Conv":
-        return node.inputs[1].values.ndim == 4  # 2-D convolutions
+        return 3 <= node.inputs[1].values.ndim <= 5  # 1-D, 2-D and 3-D convolutions
     return node.attrs.get("transB") == 1 and not node.attrs.get("transA", 0)
 
 
@@ -316,6 +349,49 @@ def _matmul_to_gemm(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
     graph.cleanup().toposort()
 
 
+def _channels_last_linears(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
+    """MatMul(x, W) [+ b] with constant 2-D W and x of rank >= 3 (a Linear on the last axis) becomes
+    Transpose(W^T) -> MatMul -> Add(b): the weight is stored (out, in) like a Gemm's and the layer always
+    has a bias to merge into."""
+    for node in list(graph.nodes):
+        weight = _constant(node.inputs[1]) if node.op == "MatMul" and len(node.inputs) == 2 else None
+        x_shape = shapes.get(node.inputs[0].name)
+        if weight is None or weight.ndim != 2 or not x_shape or len(x_shape) < 3:
+            continue
+        out = node.outputs[0]
+        bias = np.zeros(weight.shape[1], dtype=weight.dtype)
+        add = out.outputs[0] if _single_consumer(out, graph) else None
+        if add is not None and add.op == "Add":
+            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            b = _constant(other)
+            if b is not None and b.size == weight.shape[1] and b.shape[-1:] == (weight.shape[1],):
+                bias = b.reshape(-1).astype(weight.dtype)
+                out = add.outputs[0]
+                add.outputs.clear()
+        name = node.name or out.name
+        _counter[0] += 1
+        transposed = gs.Variable(f"{name}.Wt.{_counter[0]}", dtype=weight.dtype)
+        product = gs.Variable(f"{name}.y.{_counter[0]}", dtype=weight.dtype)
+        node.outputs.clear()
+        graph.nodes += [
+            gs.Node("Transpose", name=f"{name}/Wt", attrs={"perm": [1, 0]},
+                    inputs=[_const(name, "W", np.ascontiguousarray(weight.T))], outputs=[transposed]),
+            gs.Node("MatMul", name=name, inputs=[node.inputs[0], transposed], outputs=[product]),
+            gs.Node("Add", name=f"{name}/bias", inputs=[product, _const(name, "B", bias)], outputs=[out])]
+        shapes[product.name] = shapes.get(out.name)
+    graph.cleanup().toposort()
+
+
+def _is_linear_matmul(node: gs.Node) -> bool:
+    """The canonical channels-last linear layer of _channels_last_linears."""
+    producer = node.inputs[1].inputs[0] if len(node.inputs) == 2 and node.inputs[1].inputs else None
+    if producer is None or producer.op != "Transpose" or not isinstance(producer.inputs[0], gs.Constant):
+        return False
+    consumers = node.outputs[0].outputs
+    return (len(consumers) == 1 and consumers[0].op == "Add"
+            and any(isinstance(t, gs.Constant) for t in consumers[0].inputs))
+
+
 _counter = [0]
 
 
@@ -352,23 +428,24 @@ def _normalize_convs(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
         if node.op != "Conv":
             continue
         weight = _constant(node.inputs[1])
-        if weight is None or weight.ndim != 4:
+        if weight is None or weight.ndim < 3:
             continue
+        rank = weight.ndim - 2  # 1-D, 2-D or 3-D convolution
         if len(node.inputs) < 3 or not node.inputs[2].name:
             set_inputs(node, node.inputs[:2] + [_const(node.name, "B", np.zeros(weight.shape[0], weight.dtype))])
         elif _constant(node.inputs[2]) is None:
             continue
         kernel = list(weight.shape[2:])
-        attrs = {"kernel_shape": kernel, "strides": list(node.attrs.get("strides", [1, 1])),
-                 "dilations": list(node.attrs.get("dilations", [1, 1])),
+        attrs = {"kernel_shape": kernel, "strides": list(node.attrs.get("strides", [1] * rank)),
+                 "dilations": list(node.attrs.get("dilations", [1] * rank)),
                  "group": int(node.attrs.get("group", 1))}
         auto_pad = node.attrs.get("auto_pad", "NOTSET")
         if isinstance(auto_pad, bytes):
             auto_pad = auto_pad.decode()
         if auto_pad in ("NOTSET", ""):
-            attrs["pads"] = list(node.attrs.get("pads", [0, 0, 0, 0]))
+            attrs["pads"] = list(node.attrs.get("pads", [0] * 2 * rank))
         elif auto_pad == "VALID":
-            attrs["pads"] = [0, 0, 0, 0]
+            attrs["pads"] = [0] * 2 * rank
         else:
             attrs["pads"] = _same_pads(shapes[node.inputs[0].name][2:], kernel, attrs["strides"],
                                        attrs["dilations"], upper=auto_pad == "SAME_UPPER")

@@ -54,6 +54,11 @@ def segment_model(model: CanonicalModel, nodes: list[gs.Node], inputs: list[str]
                      opset=model.opset)
     proto = export(graph, model.opset_imports, model.ir_version)
     _apply_substitutions(proto, subs)
+    given = set(inputs)
+    for node in proto.graph.node:  # a Split recomputed for one output: the others are given, not redefined
+        for i, name in enumerate(node.output):
+            if name in given:
+                node.output[i] = f"{name}/recomputed"
     for value in list(proto.graph.input) + list(proto.graph.output):
         value.type.tensor_type.ClearField("shape")  # shapes change with the batch; types do not
     return proto

@@ -85,6 +85,8 @@ class ChannelGraph:
     layer_out: dict[int, int] = field(default_factory=dict)  # layer index -> output group
     layer_in: dict[int, Optional[Layout]] = field(default_factory=dict)  # layer index -> input layout
     const_uses: list[ConstUse] = field(default_factory=list)
+    statistics: set[str] = field(default_factory=set)  # tensors reduced over a channel axis (channel_ops.py)
+    opaque: set[int] = field(default_factory=set)  # groups standing for inputs whose layout is not followed
 
     def new_group(self, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -147,12 +149,21 @@ def _layer(cg: ChannelGraph, layer: Layer) -> None:
         if key not in cg.input_group:
             cg.input_group[key] = cg.new_group(width_in)
             cg.frozen[cg.input_group[key]] = "graph input"
-        layout = Layout(1, (Segment(cg.input_group[key], width_in),))
+        axis = 1 if layer.kind == "conv" else _rank(cg, layer.input) - 1
+        layout = Layout(axis, (Segment(cg.input_group[key], width_in),))
     else:
         layout = cg.layouts.get(layer.input)
-    if layout is not None and (layout.axis != 1 or (layout.outer != 1 and layer.kind == "conv")):
+    in_axis = 1 if layer.kind == "conv" else _rank(cg, layer.input) - 1  # linear layers: channels last
+    if layout is not None and (layout.axis != in_axis or (layout.outer != 1 and layer.kind == "conv")):
         cg.freeze(layout, f"{layer.node.op} '{layer.name}' reads channels laid out on axis {layout.axis}")
         layout = None
+    if layout is None:
+        # Channels onnxzip does not follow (an attention's heads, an unknown op): one opaque group the
+        # layer reads as columns of its own in each task; its outputs can still be shared.
+        opaque = cg.new_group(width_in)
+        cg.frozen[opaque] = f"the input of {layer.node.op} '{layer.name}', which onnxzip does not follow"
+        cg.opaque.add(opaque)
+        layout = Layout(in_axis, (Segment(opaque, width_in),))
     cg.layer_in[layer.index] = layout
     if layer.depthwise and layout is not None and len(layout.segments) == 1 and layout.segments[0].inner == 1:
         out = layout.segments[0].group  # a depthwise conv keeps each channel: same group in and out
@@ -162,7 +173,8 @@ def _layer(cg: ChannelGraph, layer: Layer) -> None:
             cg.freeze(layout, f"grouped Conv '{layer.name}'")
             cg.frozen[out] = f"grouped Conv '{layer.name}'"
     cg.layer_out[layer.index] = out
-    cg.layouts[layer.output] = Layout(1, (Segment(out, layer.width),))
+    out_axis = 1 if layer.kind == "conv" else _rank(cg, layer.output) - 1
+    cg.layouts[layer.output] = Layout(out_axis, (Segment(out, layer.width),))
 
 
 def _node(cg: ChannelGraph, node: gs.Node) -> None:
@@ -170,7 +182,9 @@ def _node(cg: ChannelGraph, node: gs.Node) -> None:
     carried = [(i, t, lay) for i, t, lay in ins if lay is not None]
     derived = [cg.input_derived[t.name] for _, t, _ in ins if t.name in cg.input_derived]
     if not carried:
-        if derived and node.op not in ORDER_FREE:
+        if any(t.name in cg.statistics for _, t, _ in ins):  # computed from statistics: one as well
+            cg.statistics.update(out.name for out in node.outputs)
+        elif derived and node.op not in ORDER_FREE:
             for out in node.outputs:
                 cg.input_derived[out.name] = frozenset().union(*derived)
         return
@@ -220,7 +234,9 @@ def _pass_through(cg, node, carried, why) -> bool:
     return _set(cg, node, lay)
 
 
-def _elementwise(cg, node, carried, why) -> bool:
+def _elementwise(cg, node, carried, why, skip=()) -> bool:
+    """Same-layout operands (their groups tied) and constants that broadcast over channels (or hold one
+    value per channel, permuted); `skip`: other operands already known to be fine."""
     out_rank = _rank(cg, node.outputs[0].name)
     first = carried[0][2]
     for _, t, lay in carried:
@@ -231,7 +247,7 @@ def _elementwise(cg, node, carried, why) -> bool:
             cg.union(a.group, b.group)
     carried_idx = {i for i, _, _ in carried}
     for i, t in enumerate(node.inputs):
-        if i not in carried_idx and t.name and not _per_channel_const(cg, node, i, first):
+        if i not in carried_idx and t.name and t.name not in skip and not _per_channel_const(cg, node, i, first):
             return False
     return _set(cg, node, first)
 
@@ -400,3 +416,6 @@ HANDLERS.update({
     "Pad": _pad, "Resize": _resize, "Upsample": _resize, "Concat": _concat, "Split": _split,
     "Squeeze": _squeeze, "Unsqueeze": _squeeze,
 })
+
+
+from . import channel_ops  # noqa: E402,F401  (registers the handlers of today's ops)

@@ -17,6 +17,7 @@ from .errors import FidelityNotMetError, InvalidOptionsError, OnnxZipError
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_MET = 3  # a gate (--require-*) failed: no model written, the report still is
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: onnxzip itself failed; the input may be fine
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra evaluation inputs, with optional labels y<task> (ya, yb...) for accuracy")
     m.add_argument("--providers", help="onnxruntime providers, comma-separated (default: CUDA if usable)")
     m.add_argument("--opset", type=int, dest="target_opset",
-                   help="write the merged model in this opset (e.g. 17 for TensorRT 8.5/8.6)")
+                   help="write the merged model in this opset (e.g. 17 for TensorRT 8.5 and 8.6)")
     m.add_argument("--curve", action="store_true",
                    help="also compute the trade-off curve (first k layers shared, k = 0..L; share 0.25..1)")
     m.add_argument("--plot", metavar="PLOT.png", help="write the sharing / trade-off plot as a PNG")
@@ -330,6 +331,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("onnxzip: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: one line, no traceback unless asked for
+        if os.environ.get("ONNXZIP_DEBUG"):
+            raise
+        print(f"onnxzip: internal error: {type(err).__name__}: {' '.join(str(err).split())[:500]}. "
+              "This is a bug in onnxzip, not in your input: please report it with the output of "
+              "`onnxzip inspect --json` on your models (ONNXZIP_DEBUG=1 shows the traceback).", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

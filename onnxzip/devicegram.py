@@ -19,13 +19,13 @@ from .canonicalize import Layer
 from .runtime import make_session
 
 
-def _one_hot_filters(channels: int, kernel: tuple[int, int]) -> np.ndarray:
-    kh, kw = kernel
-    kk = kh * kw
-    filters = np.zeros((channels * kk, 1, kh, kw), np.float32)
+def _one_hot_filters(channels: int, kernel: tuple[int, ...]) -> np.ndarray:
+    """(C * prod(kernel), 1, *kernel): filter c*kk + p copies kernel position p of channel c."""
+    kk = int(np.prod(kernel))
+    filters = np.zeros((channels * kk, 1) + tuple(kernel), np.float32)
     for c in range(channels):
-        for p in range(kk):
-            filters[c * kk + p, 0, p // kw, p % kw] = 1.0
+        for p, offset in enumerate(np.ndindex(*kernel)):
+            filters[(c * kk + p, 0) + offset] = 1.0
     return filters
 
 
@@ -46,7 +46,8 @@ def gram_model(layer: Layer, targets: bool, flat=None, sampled: bool = False, op
         nodes += [helper.make_node("Conv", ["x", "onehot"], ["patches"], group=channels,
                                    kernel_shape=list(layer.kernel), strides=list(attrs["strides"]),
                                    pads=list(attrs["pads"]), dilations=list(attrs["dilations"])),
-                  helper.make_node("Transpose", ["patches"], ["nhwc"], perm=[0, 2, 3, 1])]
+                  helper.make_node("Transpose", ["patches"], ["nhwc"],
+                                   perm=[0] + list(range(2, len(layer.kernel) + 2)) + [1])]
         rows_of = "nhwc"
     else:
         rows_of = "x"

@@ -27,6 +27,8 @@ class Emitted:
     model: onnx.ModelProto
     layer_nodes: dict[tuple[str, int], str] = field(default_factory=dict)  # (task, layer) -> node kept
     layer_params: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # -> initializers
+    # (task, layer) -> merged-graph tensors holding its whole weight (out, in, ...), bias, and output
+    layer_tensors: dict[tuple[str, int], tuple[str, str, str]] = field(default_factory=dict)
 
 
 def emit(state: ZipState) -> Emitted:
@@ -36,6 +38,7 @@ def emit(state: ZipState) -> Emitted:
     nodes: list[onnx.NodeProto] = []
     layer_node_names: dict[tuple[str, int], str] = {}
     layer_params: dict[tuple[str, int], set[str]] = {}
+    layer_tensors: dict[tuple[str, int], tuple[str, str, str]] = {}
     blocked = _worth_blocking(state)
     for task in tasks:
         model = al.models[task]
@@ -45,10 +48,15 @@ def emit(state: ZipState) -> Emitted:
                   else _whole(layer) for layer in model.layers}
         stored: dict[str, set[str]] = {}
         named = _naming(task, proto)
-        nodes.extend(_task_graph(proto, named, subs, blocks, initializers, stored))
+        weights = {c.name: (layer.node.name, kind) for layer in model.layers
+                   for c, kind in ((layer.weight_const, "W"), (layer.bias_const, "B"))}
+        task_nodes, renamed = _task_graph(proto, named, subs, blocks, weights, initializers, stored)
+        nodes.extend(task_nodes)
         for layer in model.layers:
             layer_node_names[(task, layer.index)] = named(layer.node.name)
             layer_params[(task, layer.index)] = stored.get(layer.node.name, set())
+            layer_tensors[(task, layer.index)] = (renamed(layer.weight_const.name), renamed(layer.bias_const.name),
+                                                  renamed(layer.output))
     kept, rename, alias = _dedupe(nodes, dict((o.domain, o.version) for o in _opsets(al)))
     outputs = []
     for task in tasks:
@@ -73,7 +81,8 @@ def emit(state: ZipState) -> Emitted:
     model = helper.make_model(graph, opset_imports=_opsets(al), producer_name="onnxzip")
     model.ir_version = max(al.models[t].ir_version for t in tasks)
     layer_nodes = {k: alias.get(v, v) for k, v in layer_node_names.items()}
-    return Emitted(model, layer_nodes, layer_params)
+    layer_tensors = {k: tuple(rename.get(n, n) for n in v) for k, v in layer_tensors.items()}
+    return Emitted(model, layer_nodes, layer_params, layer_tensors)
 
 
 def _opsets(al) -> list[onnx.OperatorSetIdProto]:
@@ -142,7 +151,7 @@ def _runs(owners: list) -> list[tuple[int, int]]:
 
 
 def _digest(array: np.ndarray) -> str:
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # not ascontiguousarray: it makes a scalar 1-D
     return hashlib.sha1(array.tobytes() + str(array.shape).encode() + str(array.dtype).encode()).hexdigest()
 
 
@@ -165,7 +174,7 @@ class _Constants:
             name = f"{hint}.{digest[:size]}"
             self.named[digest] = name
             self.taken.add(name)
-            self.tensors[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            self.tensors[name] = numpy_helper.from_array(np.asarray(array, order="C"), name)
         return name
 
 
@@ -185,19 +194,15 @@ def _naming(task: str, proto: onnx.ModelProto):
     return short if len({short(n) for n in names}) == len(names) else full
 
 
-def _task_graph(proto: onnx.ModelProto, named, subs: dict, blocks: dict, initializers: _Constants,
-                stored: dict[str, set[str]]) -> list[onnx.NodeProto]:
-    """This task's nodes, renamed by `named` (`<task>/...`), with constants stored by content."""
+def _task_graph(proto: onnx.ModelProto, named, subs: dict, blocks: dict, weight_inputs: dict,
+                initializers: _Constants, stored: dict[str, set[str]]):
+    """This task's nodes, renamed by `named` (`<task>/...`), with constants stored by content; and the
+    renaming. `weight_inputs`: layer weight and bias initializer -> (layer node name, "W" or "B")."""
     graph_inputs = {i.name for i in proto.graph.input}
     init_values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     init_values.update(subs)
     const_names: dict[str, str] = {}
     extra_nodes: list[onnx.NodeProto] = []
-    weight_inputs = {}  # initializer name -> (node name, position) for layer weights
-    for node in proto.graph.node:
-        if node.name in blocks and node.op_type in ("Conv", "Gemm"):
-            weight_inputs[node.input[1]] = (node.name, "W")
-            weight_inputs[node.input[2]] = (node.name, "B")
     for name, values in init_values.items():
         # Names come from content only, so equal blocks of different tasks become one initializer.
         hint = {"W": "w", "B": "b"}.get(weight_inputs.get(name, ("", ""))[1], "c")
@@ -224,7 +229,7 @@ def _task_graph(proto: onnx.ModelProto, named, subs: dict, blocks: dict, initial
         del new.output[:]
         new.output.extend(rename(o) for o in node.output)
         out.append(new)
-    return out
+    return out, rename
 
 
 def _blocked(values: np.ndarray, kind: str, runs, base: str, hint: str, initializers: _Constants,

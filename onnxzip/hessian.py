@@ -23,8 +23,8 @@ MIN_ROWS_PER_INPUT = 16
 def layer_rows(layer: Layer, x: np.ndarray, index: Optional[np.ndarray] = None) -> np.ndarray:
     """The rows the layer's weights see: x itself for Gemm, im2col patches for Conv; only the rows
     at `index` (into this batch's rows, in order) when given."""
-    if layer.kind == "linear":
-        rows = x.reshape(len(x), -1)
+    if layer.kind == "linear":  # channels last: every position of a rank >= 3 input is a row
+        rows = x.reshape(-1, x.shape[-1])
         return rows if index is None else rows[index]
     attrs = layer.node.attrs
     return im2col(x, layer.kernel, attrs["strides"], attrs["pads"], attrs["dilations"], index)
@@ -33,18 +33,21 @@ def layer_rows(layer: Layer, x: np.ndarray, index: Optional[np.ndarray] = None) 
 def output_rows(layer: Layer, y: np.ndarray, index: Optional[np.ndarray] = None) -> np.ndarray:
     """A layer's pre-activations as rows matching `layer_rows` (channels last)."""
     if layer.kind == "linear":
-        rows = y.reshape(len(y), -1)
+        rows = y.reshape(-1, y.shape[-1])
         return rows if index is None else rows[index]
     if index is None:
-        return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
-    sample, position = np.divmod(index, y.shape[2] * y.shape[3])
-    return y[sample, :, position // y.shape[3], position % y.shape[3]]
+        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    spatial = y.shape[2:]
+    sample, position = np.divmod(index, int(np.prod(spatial)))
+    # advanced indices split by the channel slice: the rows come first, (rows, channels)
+    return y[(sample, slice(None)) + np.unravel_index(position, spatial)]
 
 
 def rows_per_sample(layer: Layer, x: np.ndarray) -> int:
-    """Rows one sample contributes: 1 for Gemm, H_out * W_out patches for Conv."""
+    """Rows one sample contributes: 1 for Gemm, the positions of a channels-last linear layer's input,
+    the output positions of a Conv."""
     if layer.kind == "linear":
-        return 1
+        return int(np.prod(x.shape[1:-1], dtype=np.int64))
     attrs = layer.node.attrs
     return len(im2col(x[:1, :1], layer.kernel, attrs["strides"], attrs["pads"], attrs["dilations"]))
 
@@ -98,30 +101,32 @@ def position_sample(models: Iterable[CanonicalModel], layer: Layer, samples: int
 
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations, index: Optional[np.ndarray] = None) -> np.ndarray:
-    """(b, C, H, W) -> (b*H_out*W_out, C*kh*kw), columns ordered like W.reshape(out, -1); only the
-    rows at `index` when given (gathered directly, the other patches are never built)."""
-    b, c, h, w = x.shape
-    kh, kw = kernel
-    sh, sw = strides
-    dh, dw = dilations
-    pt, pl, pb, pr = pads
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(pads) else x
-    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    """(b, C, *spatial) -> (b * output positions, C * prod(kernel)) for a convolution of any rank,
+    columns ordered like W.reshape(out, -1); only the rows at `index` when given (gathered directly,
+    the other patches are never built)."""
+    b, c = x.shape[:2]
+    spatial = x.shape[2:]
+    rank = len(spatial)
+    begins, ends = list(pads[:rank]), list(pads[rank:])
+    xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begins, ends))) if any(pads) else x
+    out = [(n + p0 + p1 - d * (k - 1) - 1) // s + 1
+           for n, k, s, d, p0, p1 in zip(spatial, kernel, strides, dilations, begins, ends)]
+    offsets = list(np.ndindex(*kernel))  # kernel positions, in the order of W's flattened columns
     if index is not None:
-        sample, position = np.divmod(index, ho * wo)
-        top, left = (position // wo) * sh, (position % wo) * sw
-        cols = np.empty((len(index), c, kh, kw), dtype=x.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                cols[:, :, i, j] = xp[sample, :, top + i * dh, left + j * dw]
-        return cols.reshape(len(index), c * kh * kw)
-    cols = np.empty((b, ho, wo, c, kh, kw), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            window = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-            cols[:, :, :, :, i, j] = window.transpose(0, 2, 3, 1)
-    return cols.reshape(b * ho * wo, c * kh * kw)
+        sample, position = np.divmod(index, int(np.prod(out)))
+        corner = [o * s for o, s in zip(np.unravel_index(position, out), strides)]
+        cols = np.empty((len(index), c) + tuple(kernel), dtype=x.dtype)
+        for off in offsets:
+            at = tuple(corner[a] + off[a] * dilations[a] for a in range(rank))
+            cols[(slice(None), slice(None)) + off] = xp[(sample, slice(None)) + at]  # (rows, C)
+        return cols.reshape(len(index), -1)
+    cols = np.empty((b,) + tuple(out) + (c,) + tuple(kernel), dtype=x.dtype)
+    for off in offsets:
+        window = xp[(slice(None), slice(None)) + tuple(
+            slice(off[a] * dilations[a], off[a] * dilations[a] + strides[a] * (out[a] - 1) + 1, strides[a])
+            for a in range(rank))]
+        cols[(slice(None),) * (rank + 2) + off] = np.moveaxis(window, 1, -1)
+    return cols.reshape(b * int(np.prod(out)), -1)
 
 
 class Moments:

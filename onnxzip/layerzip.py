@@ -113,9 +113,9 @@ class _Space:
         self.cols = {s.task: s.columns() for s in sides}
         self.lam, self.hd = {}, {}  # each task's damping and damped Hessian (the undamped one is not kept)
         for s in sides:
-            h = _embed(s.moments.hessian(s.weight), self.cols[s.task], self.d)
-            self.lam[s.task] = pairing.damping_amount(h, damping)
-            self.hd[s.task] = pairing.add_identity(h, self.lam[s.task])
+            own = s.moments.hessian(s.weight)
+            self.lam[s.task] = pairing.damping_amount(own, damping)  # relative to its own inputs' scale
+            self.hd[s.task] = _damped(_embed(own, self.cols[s.task], self.d), self.cols[s.task], self.lam[s.task])
         self.w = {s.task: _embed_rows(s.flat(), self.cols[s.task], self.d) for s in sides}
         self._solvers: dict[frozenset, pairing.SPDSolver] = {}
 
@@ -226,8 +226,8 @@ def _shared_weights(view: GroupView, sides, space: _Space, options) -> dict[int,
             if all(calibrating(s, options) for s in sides):
                 fit = sum(_embed_rows(cross[t].cross_moment(side_weight[t], [m[t] for m in members]),
                                       space.cols[t], space.d) for t in tasks)
-                ridge = sum(space.lam[t] for t in tasks)  # hd - h: the damping on the diagonal
-                merged = solve(fit + ridge * merged)
+                ridge = sum(_owned(space, t) for t in tasks)  # hd - h: the damping on the diagonal
+                merged = solve(fit + ridge[:, None] * merged)
             for i, u in enumerate(channels):
                 out[u] = merged[:, i]
     return out
@@ -243,7 +243,7 @@ def _view_costs(view: GroupView, sides, space: _Space) -> np.ndarray:
     if pairs:
         diff = space.w[a][:, [p[1][a] for p in pairs]] - space.w[b][:, [p[1][b] for p in pairs]]
         m_diff = space.hd[a] @ space.solver((a, b))(space.hd[b] @ diff)  # M diff, M never formed
-        costs[[p[0] for p in pairs]] = 0.5 * np.einsum("dk,dk->k", diff, m_diff)
+        costs[[p[0] for p in pairs]] = np.maximum(0.5 * np.einsum("dk,dk->k", diff, m_diff), 0.0)
     return costs
 
 
@@ -302,6 +302,27 @@ def _damp_stack(h: np.ndarray, damping: float) -> np.ndarray:
     scale = np.einsum("cii->c", h) / h.shape[-1]
     eye = np.eye(h.shape[-1])
     return h + (damping * np.where(scale > 0, scale, 1.0))[:, None, None] * eye
+
+
+def _damped(h, cols: np.ndarray, lam: float):
+    """H + lam on the diagonal of the columns the task owns: a task's damping must not pull the merged
+    weights of inputs it does not have toward zero (a shared neuron keeps other tasks' own columns)."""
+    if _owns_all(cols, h.shape[0]):
+        return pairing.add_identity(h, lam)
+    if isinstance(h, LowRankHessian):
+        mask = np.zeros(h.shape[0])
+        mask[cols] = lam
+        return h.plus_identity(mask)
+    out = h.copy()
+    out[cols, cols] += lam
+    return out
+
+
+def _owned(space: "_Space", task: str) -> np.ndarray:
+    """The damping task `task` put on each union column (see _damped)."""
+    out = np.zeros(space.d)
+    out[space.cols[task]] = space.lam[task]
+    return out
 
 
 def _owns_all(cols: np.ndarray, d: int) -> bool:

@@ -17,9 +17,10 @@ import scipy.linalg
 
 
 class LowRankHessian:
-    """sum_i c_i X_i^T X_i + lam * I, with each X_i (rows, d) float64."""
+    """sum_i c_i X_i^T X_i + diag(lam), with each X_i (rows, d) float64; lam a scalar (lam * I) or one
+    value per column (a task damped on the columns it owns only)."""
 
-    def __init__(self, terms: list[tuple[np.ndarray, float]], lam: float, dim: int):
+    def __init__(self, terms: list[tuple[np.ndarray, float]], lam, dim: int):
         self.terms = terms
         self.lam = lam
         self.dim = dim
@@ -48,7 +49,8 @@ class LowRankHessian:
     __radd__ = __add__
 
     def __matmul__(self, r: np.ndarray) -> np.ndarray:
-        out = self.lam * np.asarray(r, dtype=np.float64)
+        r = np.asarray(r, dtype=np.float64)
+        out = _diagonal(self.lam, r.ndim) * r
         for x, c in self.terms:  # in place: one (d x n) temporary, not three (fc1: 0.8 GB each)
             term = x.T @ (x @ r)
             term *= c
@@ -56,16 +58,17 @@ class LowRankHessian:
         return out
 
     def mean_diag(self) -> float:
-        return sum(c * float(np.einsum("rd,rd->", x, x)) for x, c in self.terms) / self.dim + self.lam
+        return sum(c * float(np.einsum("rd,rd->", x, x)) for x, c in self.terms) / self.dim + float(np.mean(self.lam))
 
-    def plus_identity(self, amount: float) -> "LowRankHessian":
+    def plus_identity(self, amount) -> "LowRankHessian":
+        """+ amount * I, or + diag(amount) for one value per column."""
         return LowRankHessian(self.terms, self.lam + amount, self.dim)
 
     def embed(self, cols: np.ndarray, d: int) -> "LowRankHessian":
         """The same Hessian on a wider (union) input space: the given columns, zeros elsewhere."""
         # lam * I on the task's own columns only would not be low-rank + scalar; an undamped
         # Hessian (lam = 0), which is what gets embedded, has no such part
-        if self.lam:
+        if np.any(self.lam):
             raise ValueError("embed the undamped Hessian, then damp it")
         terms = []
         for x, c in self.terms:
@@ -79,23 +82,31 @@ class LowRankHessian:
 
 
 class WoodburySolver:
-    """(lam I + Z^T Z)^-1 R = (R - Z^T (lam I + Z Z^T)^-1 Z R) / lam, Z the stacked sqrt(c_i) X_i."""
+    """(D + Z^T Z)^-1 R = D^-1 (R - Z^T (I + Z D^-1 Z^T)^-1 Z D^-1 R), Z the stacked sqrt(c_i) X_i and D
+    the damping: an (m x m) factor instead of a (d x d) one."""
 
     def __init__(self, h: LowRankHessian):
-        if h.lam <= 0:
-            raise ValueError("a low-rank Hessian needs damping > 0 to be invertible")
+        if np.any(np.asarray(h.lam) <= 0):
+            raise ValueError("a low-rank Hessian needs damping > 0 on every column to be invertible")
         self.lam = h.lam
         self.z: Optional[np.ndarray] = (np.vstack([np.sqrt(c) * x for x, c in h.terms]) if h.terms else None)
         if self.z is not None:
-            inner = self.z @ self.z.T
-            inner[np.diag_indices_from(inner)] += self.lam
+            inner = (self.z / self.lam) @ self.z.T
+            inner[np.diag_indices_from(inner)] += 1.0
             self.factor = scipy.linalg.cho_factor(inner, lower=True, check_finite=False)
 
     def __call__(self, rhs: np.ndarray) -> np.ndarray:
+        scaled = rhs / _diagonal(self.lam, np.ndim(rhs))
         if self.z is None:
-            return rhs / self.lam
-        inner = scipy.linalg.cho_solve(self.factor, self.z @ rhs, check_finite=False)
+            return scaled
+        inner = scipy.linalg.cho_solve(self.factor, self.z @ scaled, check_finite=False)
         out = self.z.T @ inner
-        np.subtract(rhs, out, out=out)  # in place, as in __matmul__
-        out /= self.lam
+        out /= _diagonal(self.lam, out.ndim)
+        np.subtract(scaled, out, out=out)  # in place, as in __matmul__
         return out
+
+
+def _diagonal(lam, ndim: int):
+    """lam as a factor for (d,) or (d, n) arrays: a scalar, or one value per row."""
+    lam = np.asarray(lam, dtype=np.float64)
+    return lam if lam.ndim == 0 or ndim == 1 else lam[:, None]

@@ -110,7 +110,7 @@ class OriginalRecord:
                 if sums.get(layer.index):
                     stores[(layer.index, "sum")][span] = output_rows(layer, out[sums[layer.index][0]], index)
                 if layer.index in spreads:  # float32 products within a batch, float64 sums across
-                    values = y.reshape(len(y), y.shape[1], -1)
+                    values = np.moveaxis(y, layer.channel_axis, 1).reshape(len(y), layer.width, -1)
                     total, squares = totals.get(layer.index, (0.0, 0.0))
                     totals[layer.index] = (total + values.sum(axis=(0, 2), dtype=np.float64),
                                            squares + np.einsum("ncp,ncp->c", values, values).astype(np.float64))

@@ -16,10 +16,14 @@ from .tensorrt import readiness
 
 def layer_macs(layer: Layer, shapes) -> int:
     """Multiply-adds of one sample through the layer."""
-    per_output = int(np.prod(layer.weight.shape[1:]))
-    out_shape = shapes.get(layer.output) or ()
-    positions = int(np.prod([d for d in out_shape[2:] if d is not None], dtype=np.int64)) if layer.kind == "conv" else 1
-    return per_output * layer.width * positions
+    return int(np.prod(layer.weight.shape[1:])) * layer.width * positions(layer, shapes)
+
+
+def positions(layer: Layer, shapes) -> int:
+    """Where one sample's layer output is computed: a Conv's output positions, a linear layer's rows."""
+    shape = shapes.get(layer.output) or ()
+    spatial = shape[2:] if layer.kind == "conv" else shape[1:-1]
+    return int(np.prod([d for d in spatial if d is not None], dtype=np.int64))
 
 
 def layer_params(layer: Layer) -> int:

@@ -99,11 +99,45 @@ class ZipState:
         for layer in self.al.models[task].layers:
             if id(layer.node) in node_ids:
                 w, b = self.view_weights(task, layer)
-                subs[layer.node.inputs[1].name] = w.astype(layer.weight.dtype)
-                subs[layer.node.inputs[2].name] = b.astype(layer.bias.dtype)
+                subs[layer.weight_const.name] = w.astype(layer.weight.dtype)
+                subs[layer.bias_const.name] = b.astype(layer.bias.dtype)
         for use in self.al.channels[task].const_uses:
             if id(use.node) in node_ids:
-                values = use.node.inputs[use.input_index].values
-                perm = axis_map(use.layout, task, lambda g: self.view(task, g)).perm
-                subs[use.node.inputs[use.input_index].name] = np.take(values, perm, axis=use.axis)
+                values = self._const_in_view(task, use)
+                partners = self._partners().get((task, id(use)))
+                if partners and self._fully_shared(task, use):
+                    # every task's channels are one here: one constant for all (their mean), so the
+                    # op runs once; the layers after it are fit to what it then computes
+                    values = np.mean([values] + [self._const_in_view(t, u) for t, u in partners],
+                                     axis=0).astype(values.dtype)
+                subs[use.node.inputs[use.input_index].name] = values
         return subs
+
+    def _const_in_view(self, task: str, use) -> np.ndarray:
+        perm = axis_map(use.layout, task, lambda g: self.view(task, g)).perm
+        return np.take(use.node.inputs[use.input_index].values, perm, axis=use.axis)
+
+    def _fully_shared(self, task: str, use) -> bool:
+        return all(all(len(o) == len(self.tasks) for o in self.view(task, seg.group).owners)
+                   for seg in use.layout.segments)
+
+    def _partners(self) -> dict:
+        """(task, id(const use)) -> the same constant in every other task: the uses of one op type,
+        input, shape and joint channel groups, matched in graph order (None where the counts differ)."""
+        if "_partner_map" not in self.__dict__:
+            def key(t, use):
+                return (use.node.op, use.input_index, use.node.inputs[use.input_index].values.shape,
+                        tuple(self.al.joint_group(t, seg.group) for seg in use.layout.segments))
+            by_key = {t: {} for t in self.tasks}
+            for t in self.tasks:
+                for use in self.al.channels[t].const_uses:
+                    by_key[t].setdefault(key(t, use), []).append(use)
+            partners = {}
+            for t in self.tasks:
+                for k, uses in by_key[t].items():
+                    others = {s: by_key[s].get(k, []) for s in self.tasks if s != t}
+                    if all(len(o) == len(uses) for o in others.values()):
+                        for i, use in enumerate(uses):
+                            partners[(t, id(use))] = [(s, o[i]) for s, o in others.items()]
+            self._partner_map = partners
+        return self._partner_map

@@ -20,14 +20,30 @@ from .views import GroupView
 
 
 def tied_groups(al: Alignment) -> dict[int, list[JointLayer]]:
-    """Shareable joint groups written by more than one aligned layer, with their writers."""
+    """Shareable joint groups paired from their writers' activations, with those writers: groups written
+    by more than one aligned layer, and groups whose writer reads channels the tasks do not share (its
+    MTZ costs vanish there: inputs no task has in common cost nothing to merge, so say nothing)."""
     first = al.tasks[0]
     by_group: dict[int, list[JointLayer]] = {}
     for j in al.joint:
         if j.shareable:
             g = al.joint_group(first, al.channels[first].layer_out[j.layers[first].index])
             by_group.setdefault(g, []).append(j)
-    return {g: js for g, js in by_group.items() if len(js) > 1}
+    shared = set(by_group) | _fixed_inputs(al)
+    return {g: js for g, js in by_group.items()
+            if len(js) > 1 or any(_reads_unshared(al, j, shared) for j in js)}
+
+
+def _fixed_inputs(al: Alignment) -> set[int]:
+    everyone = {name for name, owners in al.shared_inputs.items() if len(owners) == len(al.tasks)}
+    return {al.joint_group(t, g) for t in al.tasks for key, g in al.channels[t].input_group.items()
+            if key[0] <= everyone}
+
+
+def _reads_unshared(al: Alignment, j: JointLayer, shared: set[int]) -> bool:
+    t = al.tasks[0]
+    layout = al.channels[t].layer_in.get(j.layers[t].index)
+    return layout is not None and any(al.joint_group(t, s.group) not in shared for s in layout.segments)
 
 
 # Recorded rows multiplied at once: bounds the temporaries of one update.

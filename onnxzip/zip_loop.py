@@ -22,7 +22,9 @@ from .options import MergeOptions
 from .runtime import resolve_providers
 from .state import ZipState
 from .record import LayerRecord, OriginalRecord, activation_after, residual_sum
+from .report import positions
 from .tied import TiedStats, tied_writers
+from .views import GroupView
 
 Progress = Callable[[str, float, str], None]  # (stage, fraction of that stage, message)
 
@@ -125,6 +127,7 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     if reuse.tied is None:
         reuse.tied = TiedStats(al, reuse.record)
     fixed_views = reuse.tied.views(plan, options, rng)
+    fixed_views.update(_in_order_views(al, plan))
     trunk = SegmentCache(size=2 * len(tasks))  # a trunk shared by every task: computed once, not per task
     merged = {t: Frontier(al.models[t], prepared.fit, providers, options.batch_size, reuse.spill_dir,
                           reuse.spill_bytes, trunk) for t in tasks}
@@ -143,10 +146,11 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         if not shares and all(state.input_exact(t, layer) for t, layer in layers.items()):
             # nothing changes here (no sharing so far, none at this layer): its own weights, nothing to capture
             t, layer = next(iter(layers.items()))
-            rows = len(next(iter(prepared.fit.values()))) * _positions(al.models[t], layer)
+            rows = len(next(iter(prepared.fit.values()))) * positions(layer, al.models[t].shapes)
             records.append(StepRecord(pos + 1, layers, joint, None, k, (0, rows)))
             continue
         progress("merge", pos / depth, f"layer {pos + 1}/{depth}: capturing activations")
+        _share_same_inputs(state, merged, layers)
         sides: list[TaskSide] = []
         for t, layer in layers.items():
             record = reuse.record.get(t, layer) if options.calibrate else None
@@ -174,10 +178,37 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
     return state, records
 
 
-def _positions(model: CanonicalModel, layer: Layer) -> int:
-    """Calibration rows one sample gives the layer: its output positions (1 for Gemm)."""
-    shape = model.shapes.get(layer.output) or ()
-    return int(np.prod([d for d in shape[2:] if d], dtype=np.int64)) if layer.kind == "conv" else 1
+def _in_order_views(al: Alignment, plan: dict[int, int]) -> dict[int, GroupView]:
+    """Groups shared in their original order (JointLayer.fixed_order): channel i of every task paired,
+    the first k of them shared."""
+    tasks, views = al.tasks, {}
+    for j in al.joint:
+        if j.fixed_order:
+            layer = j.layers[tasks[0]]
+            k = min(plan.get(j.position, 0), layer.width)
+            views[al.joint_group(tasks[0], al.channels[tasks[0]].layer_out[layer.index])] = GroupView.build(
+                [(frozenset(tasks), {t: i for t in tasks}) for i in range(k)]
+                + [(frozenset([t]), {t: i}) for i in range(k, layer.width) for t in tasks], tasks)
+    return views
+
+
+def _share_same_inputs(state: ZipState, merged: dict[str, Frontier], layers: dict[str, Layer]) -> None:
+    """A layer input onnxzip does not follow channel by channel (an attention's output) is one shared
+    space when every task's merged model computes the very same tensor there (everything before it is
+    shared): its columns are then shared and the layer can run once. Otherwise each task keeps its own."""
+    tasks = list(layers)
+    t0 = tasks[0]
+    cg = state.al.channels[t0]
+    layout = cg.layer_in.get(layers[t0].index)
+    if len(tasks) < 2 or layout is None or len(layout.segments) != 1 or layout.segments[0].group not in cg.opaque:
+        return
+    joint = state.al.joint_group(t0, layout.segments[0].group)
+    if state.views[joint].shared:
+        return
+    inputs = [merged[t].compute([layer.input], lambda nodes, t=t: state.substitutions(t, nodes))[0]
+              for t, layer in layers.items()]
+    if all(x.shape == inputs[0].shape and same_values(inputs[0], x) for x in inputs[1:]):
+        state.views[joint] = GroupView.identical(layout.segments[0].size, tasks, state.tasks)
 
 
 def _changed(view, side: TaskSide, options: MergeOptions) -> bool:

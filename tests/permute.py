@@ -45,7 +45,7 @@ def permuted_copy(model: onnx.ModelProto, probe: dict, seed: int = 0) -> tuple[o
         layout = cg.layer_in.get(layer.index)
         if layout is not None and not layer.depthwise:
             w = w[:, axis_map(layout, "a", view).perm]
-        subs[layer.node.inputs[1].name], subs[layer.node.inputs[2].name] = w, b
+        subs[layer.weight_const.name], subs[layer.bias_const.name] = w, b
     for use in cg.const_uses:
         values = use.node.inputs[use.input_index].values
         subs[use.node.inputs[use.input_index].name] = np.take(values, axis_map(use.layout, "a", view).perm,

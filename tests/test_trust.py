@@ -269,30 +269,31 @@ def test_a_merge_that_shares_nothing_says_why_and_require_shared_stops_it(tmp_pa
     assert "multiply-adds are computed once" in gated.stderr
 
 
-def conv1d_model(seed: int) -> onnx.ModelProto:
-    """x (N, 2, 16) -> Conv1d 2->4 -> Relu -> Flatten -> Gemm 64->3."""
+def deconv_model(seed: int) -> onnx.ModelProto:
+    """x (N, 2, 4, 4) -> ConvTranspose 2->4 (3x3) -> Relu -> Flatten -> Gemm 144->3."""
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.normal(size=(4, 2, 3)).astype(np.float32), "cw"),
-             numpy_helper.from_array(rng.normal(size=(3, 64)).astype(np.float32), "gw"),
+    inits = [numpy_helper.from_array(rng.normal(size=(2, 4, 3, 3)).astype(np.float32), "cw"),
+             numpy_helper.from_array(rng.normal(size=(3, 144)).astype(np.float32), "gw"),
              numpy_helper.from_array(np.zeros(3, np.float32), "gb")]
-    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], name="conv1d", pads=[1, 1]),
+    nodes = [helper.make_node("ConvTranspose", ["x", "cw"], ["c"], name="deconv"),
              helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
              helper.make_node("Gemm", ["f", "gw", "gb"], ["y"], transB=1, name="head")]
-    graph = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 16])],
+    graph = helper.make_graph(nodes, "deconv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 4, 4])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def test_nodes_onnxzip_does_not_read_are_named_in_the_warnings_and_by_inspect(tmp_path):
-    x = np.random.default_rng(0).normal(size=(64, 2, 16)).astype(np.float32)
-    _, report = onnxzip.merge([conv1d_model(1), conv1d_model(2)], {"x": x}, {"share": 1.0})
-    assert any("Conv 'conv1d' (a 1-D convolution)" in w and "stay per task" in w for w in report["warnings"])
+    x = np.random.default_rng(0).normal(size=(64, 2, 4, 4)).astype(np.float32)
+    _, report = onnxzip.merge([deconv_model(1), deconv_model(2)], {"x": x}, {"share": 1.0})
+    assert any("ConvTranspose 'deconv' (a transposed convolution)" in w and "stay per task" in w
+               for w in report["warnings"]), report["warnings"]
     for seed in (1, 2):
-        onnx.save(conv1d_model(seed), str(tmp_path / f"{seed}.onnx"))
+        onnx.save(deconv_model(seed), str(tmp_path / f"{seed}.onnx"))
     listed = run_cli("inspect", tmp_path / "1.onnx", tmp_path / "2.onnx")
     assert listed.returncode == 0, listed.stderr
     assert "model a: 1 node(s) with weights onnxzip does not merge" in listed.stdout
-    assert "Conv 'conv1d' (a 1-D convolution)" in listed.stdout
+    assert "ConvTranspose 'deconv' (a transposed convolution)" in listed.stdout
 
 
 # --- labels, partial sharing ---------------------------------------------------------------------------

@@ -125,7 +125,6 @@ def _build(prepared, state, emitted, options):
     """The student (merged model) and one teacher per task, with their matching tensors."""
     al = prepared.alignment
     graph = emitted.model.graph
-    node_of = {n.name: n for n in graph.node}
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name for t in graph.initializer}
     trainable, student_names = set(), []
@@ -139,13 +138,13 @@ def _build(prepared, state, emitted, options):
         for out, kind in kinds.items():
             task.outputs.append((f"{t}/{out}", out, kind))
         for layer in model.layers:
-            node = node_of[emitted.layer_nodes[(t, layer.index)]]
+            weight, bias, output = emitted.layer_tensors[(t, layer.index)]
             inverse = np.argsort(state.out_order(t, layer))  # original channel c sits at inverse[c]
-            task.layers.append((node.output[0], layer.output, torch.from_numpy(inverse)))
-            for i in (1, 2):
-                trainable |= _initializers_of(node.input[i], producer, inits)
+            task.layers.append((output, layer.output, torch.from_numpy(inverse), layer.channel_axis))
+            for name in (weight, bias):
+                trainable |= _initializers_of(name, producer, inits)
         task.teacher = TorchGraph(proto, [o for _, o, _ in task.outputs] + [l.output for l in model.layers])
-        student_names += [s for s, _, _ in task.outputs] + [s for s, _, _ in task.layers]
+        student_names += [s for s, _, _ in task.outputs] + [layer[0] for layer in task.layers]
         tasks.append(task)
     if not any(task.outputs for task in tasks):
         raise UnsupportedGraphError("distillation found no float output to train on")
@@ -255,8 +254,8 @@ def _task_losses(student: TorchGraph, tasks: list[_Task], feeds: dict, targets: 
         want = targets[task.name]
         loss = sum(_output_loss(got[s], want[t], kind) for s, t, kind in task.outputs)
         if layers and task.layers:
-            layer_loss = sum(_relative(got[s].index_select(1, index.to(got[s].device)), want[t])
-                             for s, t, index in task.layers)
+            layer_loss = sum(_relative(got[s].index_select(axis % got[s].dim(), index.to(got[s].device)), want[t])
+                             for s, t, index, axis in task.layers)
             loss = loss + LAYER_WEIGHT * layer_loss / len(task.layers)
         out[task.name] = loss
     return out
@@ -290,13 +289,7 @@ def _write_back(student: TorchGraph, state, emitted, al):
     """The trained weights of every layer, as state.weights (view order), in a copy of `state`."""
     import copy
 
-    graph = emitted.model.graph
-    node_of = {n.name: n for n in graph.node}
-    wanted = {}
-    for t in al.tasks:
-        for layer in al.models[t].layers:
-            node = node_of[emitted.layer_nodes[(t, layer.index)]]
-            wanted[(t, layer.index)] = (node.input[1], node.input[2])
+    wanted = {key: names[:2] for key, names in emitted.layer_tensors.items()}
     names = sorted({n for pair in wanted.values() for n in pair})
     with torch.no_grad():
         values = {k: v.detach().cpu().numpy() for k, v in student.evaluate(names).items()}
@@ -304,7 +297,8 @@ def _write_back(student: TorchGraph, state, emitted, al):
     trained.weights = dict(state.weights)
     for (t, index), (w, b) in wanted.items():
         layer = al.models[t].layers[index]
-        trained.weights[(t, index)] = (values[w].astype(layer.weight.dtype), values[b].astype(layer.bias.dtype))
+        trained.weights[(t, index)] = (values[w].astype(layer.weight.dtype),
+                                       values[b].reshape(-1).astype(layer.bias.dtype))
     return trained
 
 
