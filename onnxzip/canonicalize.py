@@ -150,7 +150,8 @@ def canonicalize(model: onnx.ModelProto, label: str,
     graph.fold_constants(fold_shapes=True, error_ok=True).cleanup().toposort()
     _remove_identities(graph)
     identity_gathers(graph, lambda g: export(g, opsets, model.ir_version), probe)
-    shapes, fixed_batch = probe_shapes(graph, opsets, model.ir_version, probe, label)
+    shapes, fixed_batch, mixed = probe_shapes(graph, opsets, model.ir_version, probe, label)
+    _unflattened_linears(graph, shapes)
     _reshape_to_flatten(graph, shapes)
     _matmul_to_gemm(graph, shapes)
     _channels_last_linears(graph, shapes)
@@ -160,20 +161,25 @@ def canonicalize(model: onnx.ModelProto, label: str,
     fold_norm_affines(graph, shapes, _is_layer, _const)
     fold_layer_scales(graph, _is_layer, _const)
     graph.cleanup().toposort()
+    # a layer whose rows mix samples with windows is not read (its weights stay per task, reported)
+    mixing = {id(n) for n in graph.nodes if _is_layer(n) and {n.inputs[0].name, n.outputs[0].name} & mixed}
     layers = [Layer(node, "conv" if node.op == "Conv" else "linear", 0)
-              for node in graph.nodes if _is_layer(node)]
+              for node in graph.nodes if _is_layer(node) and id(node) not in mixing]
     for i, layer in enumerate(layers):
         layer.index = i
     return CanonicalModel(label=label, graph=graph, shapes=shapes, layers=layers, opset_imports=opsets,
                           ir_version=model.ir_version, inputs=input_specs(model),
                           outputs=[o.name for o in model.graph.output], fixed_batch=fixed_batch,
-                          unread=_unread(graph, shapes))
+                          unread=_unread(graph, shapes, mixing))
 
 
-def _unread(graph: gs.Graph, shapes: dict[str, Shape]) -> list[str]:
+def _unread(graph: gs.Graph, shapes: dict[str, Shape], mixing: set[int]) -> list[str]:
     """Nodes with constant weights that onnxzip does not merge (they stay per task), and why."""
     out = []
     for node in graph.nodes:
+        if id(node) in mixing:
+            out.append(f"{node.op} '{node.name}' (its batch axis mixes samples with windows)")
+            continue
         if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or _is_layer(node):
             continue
         weight = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -263,6 +269,7 @@ def _remove_identities(graph: gs.Graph) -> None:
 def probe_shapes(graph: gs.Graph, opsets, ir_version: int, probe: dict[str, np.ndarray],
                  label: str) -> tuple[dict[str, Shape], Optional[int]]:
     """Every tensor's shape, read by running the graph on 1 and 2 samples: dims that change are batch.
+    Also the tensors whose batch axis mixes samples with something else (see the end).
 
     Exporters leave shapes symbolic in different ways; running the graph is the one source that is
     always right.
@@ -303,7 +310,11 @@ def probe_shapes(graph: gs.Graph, opsets, ir_version: int, probe: dict[str, np.n
         if any(v is None or len(v) != len(first) for v in variants):
             continue
         shapes[name] = tuple(d if all(v[i] == d for v in variants) else None for i, d in enumerate(first))
-    return shapes, fixed_batch
+    # Tensors whose batch axis holds more than the samples (Swin's windows: (N * windows, T, C)): there
+    # the batch axis does not grow 1 -> 2 between the probe runs.
+    mixed = {name for name, shape in shapes.items() if len(runs) == 2 and name in runs[0]
+             and any(d is None and (runs[0][name][i], runs[1][name][i]) != (1, 2) for i, d in enumerate(shape))}
+    return shapes, fixed_batch, mixed
 
 
 def _reshape_to_flatten(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
@@ -319,6 +330,57 @@ def _reshape_to_flatten(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
             node.attrs = {"axis": 1}
             set_inputs(node, node.inputs[:1])
     graph.cleanup()
+
+
+def _unflattened_linears(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
+    """Reshape(x, (-1, C)) -> Gemm/MatMul -> Reshape back to x's leading axes (PyTorch's
+    MultiheadAttention output projection on tokens-first (T, N, C)) is a Linear on x's last axis:
+    rewritten as MatMul(x, W) + b on x itself, which _channels_last_linears then reads as a layer."""
+    for node in list(graph.nodes):
+        if node.op not in ("Gemm", "MatMul") or node.attrs.get("transA", 0):
+            continue
+        flat = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        out = node.outputs[0]
+        back = out.outputs[0] if _single_consumer(out, graph) else None
+        if flat is None or flat.op != "Reshape" or back is None or back.op != "Reshape":
+            continue
+        x = flat.inputs[0]
+        src, mid, dst = shapes.get(x.name), shapes.get(flat.outputs[0].name), shapes.get(back.outputs[0].name)
+        weight = _constant(node.inputs[1])
+        if not src or not mid or not dst or weight is None or weight.ndim != 2 or len(src) < 3 or len(mid) != 2:
+            continue
+        if node.op == "Gemm":
+            weight = (weight.T if node.attrs.get("transB", 0) else weight) * float(node.attrs.get("alpha", 1.0))
+        k = len(dst) - 1  # leading axes kept; the rest of x's axes are the linear's input channels
+        if k < 2 or tuple(dst[:-1]) != tuple(src[:k]) or None in src[k:] or mid[1] != int(np.prod(src[k:])) \
+                or dst[-1] != weight.shape[1] or weight.shape[0] != mid[1]:
+            continue
+        bias = None
+        if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+            c = _constant(node.inputs[2])
+            if c is None or c.size not in (1, weight.shape[1]):
+                continue
+            bias = np.broadcast_to(c.reshape(-1), (weight.shape[1],)) * float(node.attrs.get("beta", 1.0))
+        y = back.outputs[0]
+        back.outputs.clear()
+        node.outputs.clear()
+        name = node.name or y.name
+        product = gs.Variable(f"{name}.unflat.{_counter[0]}", dtype=weight.dtype) if bias is not None else y
+        _counter[0] += 1
+        if len(src) > k + 1:  # (T, N, heads, d) -> (T, N, heads * d): copy the kept axes (0), join the rest
+            joined = gs.Variable(f"{name}.joined.{_counter[0]}", dtype=x.dtype)
+            graph.nodes.append(gs.Node("Reshape", name=f"{name}/join",
+                                       inputs=[x, _const(name, "shape", np.array([0] * k + [mid[1]], np.int64))],
+                                       outputs=[joined]))
+            shapes[joined.name] = tuple(src[:k]) + (mid[1],)
+            x = joined
+        graph.nodes.append(gs.Node("MatMul", name=name, inputs=[x, _const(name, "W", weight.astype(weight.dtype))],
+                                   outputs=[product]))
+        if bias is not None:
+            graph.nodes.append(gs.Node("Add", name=f"{name}/bias",
+                                       inputs=[product, _const(name, "B", bias.astype(weight.dtype))], outputs=[y]))
+        shapes[product.name] = dst
+    graph.cleanup().toposort()
 
 
 def _matmul_to_gemm(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
@@ -372,14 +434,37 @@ def _channels_last_linears(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
         _counter[0] += 1
         transposed = gs.Variable(f"{name}.Wt.{_counter[0]}", dtype=weight.dtype)
         product = gs.Variable(f"{name}.y.{_counter[0]}", dtype=weight.dtype)
+        x, y = node.inputs[0], out
         node.outputs.clear()
+        to_front = _samples_to_front(x_shape)
+        if to_front:  # tokens-first (T, N, C), as inside nn.MultiheadAttention: samples moved to axis 0
+            x = _transposed(graph, x, to_front, f"{name}/samples_first", shapes)
+            y = gs.Variable(f"{name}.out.{_counter[0]}", dtype=weight.dtype)
+            shapes[y.name] = tuple(shapes[out.name][i] for i in to_front) if out.name in shapes else None
+            graph.nodes.append(gs.Node("Transpose", name=f"{name}/samples_back",
+                                       attrs={"perm": [int(i) for i in np.argsort(to_front)]},
+                                       inputs=[y], outputs=[out]))
         graph.nodes += [
             gs.Node("Transpose", name=f"{name}/Wt", attrs={"perm": [1, 0]},
                     inputs=[_const(name, "W", np.ascontiguousarray(weight.T))], outputs=[transposed]),
-            gs.Node("MatMul", name=name, inputs=[node.inputs[0], transposed], outputs=[product]),
-            gs.Node("Add", name=f"{name}/bias", inputs=[product, _const(name, "B", bias)], outputs=[out])]
-        shapes[product.name] = shapes.get(out.name)
+            gs.Node("MatMul", name=name, inputs=[x, transposed], outputs=[product]),
+            gs.Node("Add", name=f"{name}/bias", inputs=[product, _const(name, "B", bias)], outputs=[y])]
+        shapes[product.name] = shapes.get(y.name)
     graph.cleanup().toposort()
+
+
+def _samples_to_front(shape) -> Optional[list[int]]:
+    """The permutation that brings the sample axis (the one whose size varies: None) to axis 0, or None."""
+    axis = next((i for i, d in enumerate(shape) if d is None), 0)
+    return [axis] + [i for i in range(len(shape)) if i != axis] if axis else None
+
+
+def _transposed(graph: gs.Graph, x: gs.Tensor, perm: list[int], name: str, shapes) -> gs.Variable:
+    out = gs.Variable(f"{name}.{_counter[0]}", dtype=x.dtype)
+    graph.nodes.append(gs.Node("Transpose", name=name, attrs={"perm": perm}, inputs=[x], outputs=[out]))
+    if x.name in shapes and shapes[x.name] is not None:
+        shapes[out.name] = tuple(shapes[x.name][i] for i in perm)
+    return out
 
 
 def _is_linear_matmul(node: gs.Node) -> bool:

@@ -187,6 +187,44 @@ def _batchnorm(node, x, scale, bias, mean, var):
     return (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps) * scale.reshape(shape) + bias.reshape(shape)
 
 
+def _layer_norm(node, x, scale, bias=None):
+    a = _attrs(node)
+    axis = a.get("axis", -1) % x.dim()
+    dims = list(range(axis, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + a.get("epsilon", 1e-5)) * scale
+    return y + bias if bias is not None else y
+
+
+def _gather(node, x, indices):
+    axis = _attrs(node).get("axis", 0) % x.dim()
+    indices = indices.long()
+    indices = torch.where(indices < 0, indices + x.shape[axis], indices)
+    out = torch.index_select(x, axis, indices.reshape(-1))
+    return out.reshape(x.shape[:axis] + indices.shape + x.shape[axis + 1:])
+
+
+def _slice(node, x, starts, ends, axes=None, steps=None):
+    starts, ends = _const(starts), _const(ends)
+    axes = _const(axes) if axes is not None else list(range(len(starts)))
+    steps = _const(steps) if steps is not None else [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        if st != 1:
+            raise UnsupportedGraphError("distillation cannot run a strided Slice yet; merge without distillation")
+        n = x.shape[a % x.dim()]
+        s, e = max(-n, min(s, n)), max(-n, min(e, n))
+        index[a % x.dim()] = slice(s, e)
+    return x[tuple(index)]
+
+
+def _expand(node, x, shape):
+    shape = _const(shape)
+    full = torch.broadcast_shapes(tuple(x.shape), tuple(shape))
+    return x.expand(full)
+
+
 def _gelu(node, x):
     approximate = _attrs(node).get("approximate", b"none")
     approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
@@ -217,7 +255,14 @@ OPS: dict[str, Callable] = {
     "GlobalAveragePool": lambda n, x: x.mean(dim=list(range(2, x.dim())), keepdim=True),
     "GlobalMaxPool": lambda n, x: x.amax(dim=list(range(2, x.dim())), keepdim=True),
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(torch.amax),
-    "BatchNormalization": _batchnorm,
+    "BatchNormalization": _batchnorm, "LayerNormalization": _layer_norm,
+    "Gather": _gather, "Slice": _slice, "Expand": _expand,
+    "Shape": lambda n, x: torch.tensor(list(x.shape)[_attrs(n).get("start", 0):_attrs(n).get("end", x.dim())],
+                                       dtype=torch.int64, device=x.device),
+    "Equal": lambda n, a, b: a == b, "Where": lambda n, c, a, b: torch.where(c.bool(), a, b),
+    "ConstantOfShape": lambda n, shape: torch.full(
+        _const(shape), float(numpy_helper.to_array(_attrs(n)["value"]).reshape(-1)[0]) if "value" in _attrs(n) else 0.0,
+        device=shape.device),
 }
 
 
