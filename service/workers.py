@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from typing import Optional
 
 from .settings import Settings
@@ -30,6 +31,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 TICK_S = 0.25
 MAINTAIN_S = 10.0  # how often the store's own housekeeping runs (re-dispatching lost queue entries)
 TERMINATE_WAIT_S = 2.0  # after SIGTERM, before SIGKILL
+REPORT_EVERY_S = 60.0  # a supervisor that keeps failing says so this often
 ORPHAN_AGE_S = 3600.0  # folders without a record older than this are leftovers of a crash
 
 
@@ -98,11 +100,22 @@ class WorkerPool:
     # --- supervision ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        last_report, failing = 0.0, False
         while not self.stopped.wait(TICK_S):
             try:
                 self.tick()
-            except Exception:  # a transient store error must not end supervision
-                log.exception("supervisor tick failed")
+                if failing:
+                    log.info("supervisor ticks succeed again")
+                failing = False
+            except Exception as err:  # a store that cannot be written (disk full) must not end supervision
+                now = time.monotonic()
+                if not failing:
+                    log.exception("supervisor tick failed; retrying every %g s", TICK_S)
+                elif now - last_report > REPORT_EVERY_S:  # one line a minute, not a traceback per tick
+                    log.warning("supervisor ticks still fail: %s: %s", type(err).__name__, err)
+                else:
+                    continue
+                failing, last_report = True, now
 
     def tick(self) -> None:
         now = self.store.now()
@@ -112,12 +125,12 @@ class WorkerPool:
             if self.stopped.is_set() or process.is_alive():
                 continue
             job = by_pid.get(process.pid)
-            if job is not None:
+            process.join()
+            self.processes[i] = self._spawn()  # first: the pool stays whole even while the store fails
+            if job is not None:  # if this cannot be written now, _reap_lost retries it every tick
                 self.store.requeue_lost(job.id, job.lease_token,
                                         f"worker process {process.pid} exited with code {process.exitcode}")
                 self.artifacts.discard_work(job.id, job.lease_token)
-            process.join()
-            self.processes[i] = self._spawn()
         for job in running:
             self._enforce_limits(job, now)
         self._reap_lost(now)
