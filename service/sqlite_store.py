@@ -65,6 +65,8 @@ _JSON = ("options", "inputs", "artifacts", "result")
 _CANCELLED_ERROR = CANCELLED_ERROR
 
 
+READY_WAIT_S = 2.0  # how long a readiness probe waits for SQLite's write lock
+
 class SqliteJobStore:
     """`JobStore` on SQLite; safe to share between threads and processes (one connection each)."""
 
@@ -198,8 +200,16 @@ class SqliteJobStore:
         return [Event(**dict(r)) for r in rows]
 
     def check_writable(self) -> None:
-        with self._write() as c:
-            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)", (str(time.time()),))
+        """Readiness: a write within READY_WAIT_S. A probe must answer quickly, not wait out the 30 s a
+        job write may wait for a lock (a locked file is reported as not ready)."""
+        conn = sqlite3.connect(self.path, timeout=READY_WAIT_S, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(READY_WAIT_S * 1000)}")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)", (str(time.time()),))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     # --- workers ------------------------------------------------------------------------------------
 

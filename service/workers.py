@@ -60,7 +60,7 @@ class WorkerPool:
         for name in THREAD_VARIABLES:  # a value the operator set in the environment wins
             os.environ.setdefault(name, str(self.threads))
         try:
-            self._reap_lost(self.store.now())  # jobs that were running when a previous server died
+            self._reap_lost(self.store.now(), at_start=True)  # jobs running when a previous server died
         except TRANSIENT as err:  # the store is out of reach: the supervisor's ticks try again
             log.warning("the job store does not answer yet: %s", err)
         self.processes = [self._spawn() for _ in range(self.count)]
@@ -166,14 +166,22 @@ class WorkerPool:
         self.artifacts.discard_work(job.id, job.lease_token)
         self.cancel_seen.pop(job.id, None)
 
-    def _reap_lost(self, now: float) -> None:
-        """Requeue running jobs nobody works on: lease expired, or the worker process on this host is gone."""
+    def _reap_lost(self, now: float, at_start: bool = False) -> None:
+        """Requeue running jobs nobody works on: lease expired, or the worker process on this host is gone.
+        At start, a job this host was running when the previous server died (killed, crashed, restarted)
+        lost its worker through no fault of its own: if it was making progress, the attempt is given back
+        (it runs again as the same attempt), so restarts never use up a healthy job's attempts."""
         ours = set(self.pids())
         for job in self.store.running():
             if job.worker_pid in ours and job.worker_host == HOST:
                 continue  # our own workers are watched directly
             dead = job.worker_host == HOST and not pid_alive(job.worker_pid)
             expired = job.lease_expires is not None and job.lease_expires < now
+            if at_start and dead and job.progress > 0:
+                if self.store.release(job.id, job.lease_token, "the service restarted under it (attempt not counted)"):
+                    log.warning("job %s: the service restarted under it; requeued, attempt not counted", job.id)
+                    self.artifacts.discard_work(job.id, job.lease_token)
+                continue
             if dead or expired:
                 reason = (f"its worker process {job.worker_pid} is gone" if dead
                           else f"its worker stopped renewing the lease for {self.settings.lease_s:g} s")

@@ -110,3 +110,24 @@ def test_disk_full_during_a_merge_fails_that_job_and_the_pool_recovers(medium_di
         assert server.log_text().count("supervisor tick failed") <= 1  # no traceback per tick
     finally:
         server.stop()
+
+
+def test_readiness_answers_503_at_once_while_the_job_store_is_locked(tmp_path_factory):
+    """Another process holds SQLite's write lock: /readyz says not ready within its probe's own wait (it
+    waited out the 30 s a job write may wait before), and ready again once the lock is released."""
+    import sqlite3
+
+    server = start_server(tmp_path_factory, "locked", workers=1)
+    try:
+        with server.client() as c:
+            holder = sqlite3.connect(server.data_dir / "onnxzip.db", isolation_level=None)
+            holder.execute("BEGIN EXCLUSIVE")
+            try:
+                response = c.get("/readyz", timeout=10)  # raises if it hangs for the old 30 s
+                assert response.status_code == 503 and "not writable" in response.json()["checks"]["store"]
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            assert c.get("/readyz").status_code == 200
+    finally:
+        server.stop()
