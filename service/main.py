@@ -71,9 +71,10 @@ def _warn_if_exposed(settings: Settings) -> None:
             "read their results; set a token or listen on 127.0.0.1", settings.host)
 
 
-def serve(host: Optional[str] = None, port: Optional[int] = None, data_dir: Optional[str] = None) -> None:
-    """`onnxzip serve`: flags override ONNXZIP_* environment variables, which override the defaults."""
-    overrides = {k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None}
+def serve(host: Optional[str] = None, port: Optional[int] = None, **store) -> None:
+    """`onnxzip serve`: flags override ONNXZIP_* environment variables, which override the defaults.
+    `store`: data_dir, workers, queue_url (the flags `onnxzip worker` takes too)."""
+    overrides = {k: v for k, v in {"host": host, "port": port, **store}.items() if v is not None}
     settings = load_settings(**overrides)
     _spool_uploads_in(Path(settings.data_dir))
     _warn_if_exposed(settings)

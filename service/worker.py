@@ -212,13 +212,14 @@ def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
             artifacts.discard_work(job.id, token)
 
 
-def run_worker() -> None:
+def run_worker(**overrides) -> None:
     """`onnxzip worker`: settings.workers merge processes on the configured store, without the API; with
-    ONNXZIP_QUEUE_URL, RQ workers taking jobs from the queue (on any number of machines)."""
+    ONNXZIP_QUEUE_URL, RQ workers taking jobs from the queue (on any number of machines). `overrides`
+    are the command's flags (--data-dir, --workers, --queue-url), over the ONNXZIP_* variables."""
     from .workers import WorkerPool
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings()
+    settings = load_settings(**overrides)
     store = open_store(settings)
     pool = WorkerPool(settings, store, open_artifacts(settings), count=max(1, settings.workers))
     stop = threading.Event()

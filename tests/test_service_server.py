@@ -423,3 +423,22 @@ def test_a_job_over_the_time_limit_fails_with_timeout_and_its_worker_is_replaced
             wait_until(lambda: len(worker_pids(server.proc.pid)) == 1, 30, what="a fresh worker")
     finally:
         server.stop()
+
+
+def test_a_worker_started_with_the_servers_data_dir_flag_runs_its_jobs(tmp_path_factory):
+    """Issue 15: `onnxzip serve --data-dir D` with no workers of its own and `onnxzip worker --data-dir D`
+    (flags, no ONNXZIP_* variables) share the job store: the worker takes the job."""
+    server = start_server(tmp_path_factory, "flags", workers=0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXZIP_")}
+    worker = subprocess.Popen([sys.executable, "-m", "onnxzip.cli", "worker", "--data-dir", str(server.data_dir),
+                               "--workers", "1"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with server.client() as c:
+            done = wait_job(c, submit(c).json()["id"], timeout=120)
+            assert done["status"] == "succeeded", done
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        stderr = worker.communicate(timeout=30)[1]
+        server.stop()
+    assert str(server.data_dir) in stderr and "Traceback" not in stderr, stderr[-2000:]
