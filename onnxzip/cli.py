@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from .errors import FidelityNotMetError, InvalidOptionsError, OnnxZipError
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_MET = 3  # a gate (--require-*) failed: no model written, the report still is
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a reader that left early
 EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: onnxzip itself failed; the input may be fine
 
 
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("models", nargs="+", help="input .onnx files, in task order")
     m.add_argument("--calibration", required=True, metavar="CALIB.npz",
                    help="unlabelled inputs, one array per graph input keyed by input name")
-    m.add_argument("--out", required=True, metavar="MERGED.onnx", help="where to write the merged model")
+    m.add_argument("-o", "--out", required=True, metavar="MERGED.onnx", help="where to write the merged model")
     m.add_argument("--share", type=float, default=1.0,
                    help="fraction of each hidden layer's neurons to share (1.0 all, 0 none; default 1.0). Partial "
                         "sharing stores shared blocks once but computes nothing once: only a fully shared prefix "
@@ -108,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "on the calibration inputs; kept only if no task gets worse on the held-out samples")
     distill.add_argument("--distill-steps", type=int, metavar="N", help="most training steps (default 2000)")
     distill.add_argument("--distill-seconds", type=float, metavar="S", help="most training seconds (default 600)")
-    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    m.add_argument("-v", "--verbose", action="store_true", help="log what each stage does (on stderr)")
+    m.add_argument("--log-file", metavar="FILE", help="also write the log (every stage, at debug detail) to FILE")
 
     i = sub.add_parser("inspect", help="show how two models' layers align, without merging")
     i.add_argument("models", nargs="+")
@@ -121,10 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_service_commands(sub) -> None:
     s = sub.add_parser("serve", help="run the REST merge service")
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
-    s.add_argument("--data-dir", default=None)
-    sub.add_parser("worker", help="run a worker for the scale-out queue")
+    s.add_argument("--host", default=None, help="address to listen on (ONNXZIP_HOST; default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="TCP port (ONNXZIP_PORT; default 8000)")
+    _add_store_flags(s)
+    w = sub.add_parser("worker", help="run merge workers without the API (on the same data dir, or the queue)")
+    _add_store_flags(w)
+
+
+def _add_store_flags(parser) -> None:
+    """What `serve` and `worker` must agree on to share jobs; flags override the ONNXZIP_* variables."""
+    parser.add_argument("--data-dir", default=None, help="job store and artifacts (ONNXZIP_DATA_DIR; default "
+                                                         "./onnxzip-data): give workers the server's")
+    parser.add_argument("--workers", type=int, default=None, help="merge processes (ONNXZIP_WORKERS)")
+    parser.add_argument("--queue-url", default=None,
+                        help="scale-out: the Redis of the job store and queue (ONNXZIP_QUEUE_URL)")
 
 
 def _options(args) -> dict:
@@ -163,8 +177,12 @@ class _Bars:
         self.quiet = quiet or not sys.stderr.isatty()  # bars are for people at a terminal
         self.bar = None
         self.stage = None
+        self.said = None
 
     def __call__(self, stage: str, fraction: float, message: str) -> None:
+        if (stage, message) != self.said:  # --verbose / --log-file: each new step once
+            self.said = (stage, message)
+            logging.getLogger("onnxzip").info("%s %3.0f%%: %s", stage, 100 * fraction, message)
         if self.quiet:
             return
         from tqdm import tqdm
@@ -173,7 +191,7 @@ class _Bars:
             self.close()
             self.stage = stage
             self.bar = tqdm(total=100, desc=f"{stage:<12}", file=sys.stderr, leave=True,
-                            bar_format="{desc} {bar} {percentage:3.0f}% {postfix}")
+                            bar_format="{desc} {bar:24} {percentage:3.0f}% [{elapsed}<{remaining}]{postfix}")
         self.bar.n = int(round(fraction * 100))
         self.bar.set_postfix_str(message, refresh=True)
 
@@ -221,7 +239,9 @@ def cmd_merge(args) -> int:
         bars.close()
     _write_atomic(args.out, model.SerializeToString())
     _write_reports(args, report)
-    print(summary(report, args.out))
+    text = summary(report, args.out)
+    logging.getLogger("onnxzip").info("%s", text)
+    print(text)
     return 0
 
 
@@ -307,8 +327,13 @@ def cmd_serve(args) -> int:
         from service.main import serve
     except ImportError as err:
         raise OnnxZipError(f"the REST service is not available in this install ({err})") from err
-    serve(host=args.host, port=args.port, data_dir=args.data_dir)
+    serve(host=args.host, port=args.port, **_store_overrides(args))
     return 0
+
+
+def _store_overrides(args) -> dict:
+    return {k: v for k, v in {"data_dir": args.data_dir, "workers": args.workers, "queue_url": args.queue_url}.items()
+            if v is not None}
 
 
 def cmd_worker(args) -> int:
@@ -316,15 +341,33 @@ def cmd_worker(args) -> int:
         from service.worker import run_worker
     except ImportError as err:
         raise OnnxZipError(f"the queue worker is not available in this install ({err})") from err
-    run_worker()
+    run_worker(**_store_overrides(args))
     return 0
+
+
+def _logging(args) -> None:
+    handlers = []
+    if getattr(args, "verbose", False):
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[-1].setLevel(logging.INFO)
+    if getattr(args, "log_file", None):
+        handlers.append(logging.FileHandler(args.log_file))
+        handlers[-1].setLevel(logging.DEBUG)
+    if handlers:
+        logging.basicConfig(level=logging.DEBUG, handlers=handlers,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"merge": cmd_merge, "inspect": cmd_inspect, "serve": cmd_serve, "worker": cmd_worker}[args.command]
     try:
+        _logging(args)
         return handler(args)
+    except BrokenPipeError:  # `onnxzip inspect ... | head`: the reader left; no traceback, no more output
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OnnxZipError as err:
         print("onnxzip: error: " + " ".join(str(err).split()), file=sys.stderr)
         return EXIT_BAD_INPUT

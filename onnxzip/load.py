@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,11 +80,38 @@ def _load_external_data(model: onnx.ModelProto, path: str, allowed: bool, label:
 
 
 def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+    """Every tensor the model holds, subgraphs (If/Loop/Scan bodies) and sparse tensors included: external
+    data is refused or checked wherever it appears."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
 
 
 def check_model(model: onnx.ModelProto, label: str) -> None:
@@ -121,6 +149,13 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+# What a damaged or crafted .npz raises inside zipfile/numpy: a bad header or CRC (BadZipFile), an
+# encrypted member (RuntimeError), an unknown compression method (NotImplementedError), corrupt
+# deflate data (zlib.error), truncation (EOFError, OSError), a bad .npy header (ValueError).
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, RuntimeError, NotImplementedError,
+                   ValueError, OSError, EOFError, UnicodeDecodeError)
+
+
 def load_calibration(path: str, specs: list[InputSpec], *, max_bytes: int = DEFAULT_MAX_CALIBRATION_BYTES,
                      kind: str = "calibration", label: Optional[str] = None) -> dict[str, np.ndarray]:
     """Read CALIB.npz safely (no pickles, sizes checked before loading) and match it to `specs`.
@@ -136,9 +171,8 @@ def load_calibration(path: str, specs: list[InputSpec], *, max_bytes: int = DEFA
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: np.ascontiguousarray(npz[key]) for name, key in mapping.items()}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-        raise InvalidCalibrationError(
-            f"'{label}' is damaged ({' '.join(str(err).split())}); save it again with numpy.savez") from err
+    except _ARCHIVE_ERRORS as err:
+        raise _damaged(label, err) from err
     return {spec.name: _convert(label, spec, arrays[spec.name]) for spec in specs}
 
 
@@ -203,16 +237,21 @@ def read_npz_headers(path: str, *, max_bytes: int,
             if total > max_bytes:
                 raise InvalidCalibrationError(
                     f"'{label}' expands to more than {max_bytes} bytes; send fewer or smaller samples")
-            with archive.open(info) as member:
-                try:
-                    version = np.lib.format.read_magic(member)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(member)
-                except (ValueError, UnicodeDecodeError) as err:
-                    raise InvalidCalibrationError(
-                        f"'{label}': '{info.filename}' has no valid .npy header ({err})") from err
-                header_len = member.tell()
+            try:
+                with archive.open(info) as member:
+                    try:
+                        version = np.lib.format.read_magic(member)
+                        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)
+                        shape, _, dtype = read_header(member)
+                    except (ValueError, UnicodeDecodeError) as err:
+                        raise InvalidCalibrationError(
+                            f"'{label}': '{info.filename}' has no valid .npy header ({err})") from err
+                    header_len = member.tell()
+            except InvalidCalibrationError:
+                raise
+            except _ARCHIVE_ERRORS as err:
+                raise _damaged(label, err, info.filename) from err
             if dtype.hasobject:
                 raise InvalidCalibrationError(
                     f"'{label}': array '{info.filename[:-4]}' holds Python objects (a pickle), which "
@@ -226,6 +265,15 @@ def read_npz_headers(path: str, *, max_bytes: int,
     if not headers:
         raise InvalidCalibrationError(f"'{label}' holds no arrays")
     return headers
+
+
+def _damaged(label: str, err: BaseException, member: Optional[str] = None) -> InvalidCalibrationError:
+    where = f" (member '{member}')" if member else ""
+    why = " ".join(str(err).split())[:200] or type(err).__name__
+    if isinstance(err, RuntimeError) and "encrypted" in str(err):
+        why = "it is encrypted"
+    return InvalidCalibrationError(f"'{label}' is damaged or not a plain .npz{where}: {why}; save it again with "
+                                   "numpy.savez (no encryption; stored or deflate compression)")
 
 
 def _check_header(label: str, spec: InputSpec, header: tuple[tuple[int, ...], np.dtype]) -> None:
@@ -281,14 +329,18 @@ def load_labels(path: str, tasks: list[str], n: int, inputs: list[str]) -> tuple
         if key in headers and (key == f"y{task}" or key not in {f"y{t}" for t in tasks}):
             keys[task] = key
     labels = {}
-    with np.load(path, allow_pickle=False) as npz:
-        for task, key in keys.items():
-            y = npz[key]
-            if y.shape != (n,) or y.dtype.kind not in "iu":
-                raise InvalidCalibrationError(
-                    f"'{label}': labels '{key}' must be {n} integers (one class index per sample), got "
-                    f"shape {y.shape} dtype {y.dtype}")
-            labels[task] = y
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            loaded = {task: npz[key] for task, key in keys.items()}
+    except _ARCHIVE_ERRORS as err:
+        raise _damaged(label, err) from err
+    for task, key in keys.items():
+        y = loaded[task]
+        if y.shape != (n,) or y.dtype.kind not in "iu":
+            raise InvalidCalibrationError(
+                f"'{label}': labels '{key}' must be {n} integers (one class index per sample), got "
+                f"shape {y.shape} dtype {y.dtype}")
+        labels[task] = y
     unused = [k for k in headers if k not in inputs and k not in keys.values()]
     warnings = [f"'{label}': array '{k}' is neither a model input nor labels of a task (tasks "
                 f"{', '.join(tasks)}: labels are y<task> or ya, yb, ... in the models' order); it was ignored"

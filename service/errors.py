@@ -6,6 +6,7 @@ validation errors and Starlette's HTTP errors are mapped to the same shape.
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Optional
 
@@ -77,6 +78,12 @@ def _unavailable_errors() -> tuple[type[Exception], ...]:
     return tuple(kinds)
 
 
+def _storage_full(exc: Exception) -> JSONResponse:
+    return error_response(507, "insufficient_storage",
+                          f"the service's storage is full ({' '.join(str(exc).split())[:120]}): retry once space is "
+                          "freed (submit with an Idempotency-Key to make retries safe)", headers={"Retry-After": "60"})
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that give every error the one JSON shape."""
 
@@ -107,6 +114,8 @@ def install(app: FastAPI) -> None:
 
     async def _unavailable(request: Request, exc: Exception):  # the store or the bucket does not answer
         log.warning("%s %s: backend unavailable: %s", request.method, request.url.path, exc)
+        if "full" in str(exc).lower():  # SQLite: "database or disk is full"
+            return _storage_full(exc)
         return error_response(503, "unavailable", f"the service's job store or artifact store does not answer "
                                                   f"({type(exc).__name__}): retry in a moment (submit with an "
                                                   "Idempotency-Key to make retries safe)",
@@ -114,6 +123,21 @@ def install(app: FastAPI) -> None:
 
     for kind in _unavailable_errors():
         app.add_exception_handler(kind, _unavailable)
+
+    @app.exception_handler(OSError)
+    async def _storage(request: Request, exc: OSError):
+        """The data dir full (507) or not writable (503), both worth retrying once an operator acts;
+        any other OSError is a bug like any other exception."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.warning("%s %s: storage full: %s", request.method, request.url.path, exc)
+            return _storage_full(exc)
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            log.warning("%s %s: storage not writable: %s", request.method, request.url.path, exc)
+            return error_response(503, "storage_unavailable",
+                                  "the service cannot write its data dir (read-only or no permission): retry "
+                                  "once the operator has fixed it (submit with an Idempotency-Key)",
+                                  headers={"Retry-After": "30"})
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # a bug: log it, answer plainly, stay up

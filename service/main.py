@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Optional
 
 import uvicorn
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 import onnxzip
 
 from . import errors
 from .artifacts import open_artifacts
-from .auth import BearerAuth
+from .auth import LOOPBACK_HOSTS, BearerAuth, HostAndOrigin
 from .routers import health, merges
 from .settings import Settings, load_settings
 from .store import open_store
@@ -44,13 +48,35 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(merges.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     if settings.api_token is not None:
-        app.add_middleware(BearerAuth, token=settings.api_token.get_secret_value())  # outermost: before the body
+        app.add_middleware(BearerAuth, token=settings.api_token.get_secret_value())  # before the body
+    if settings.cors_origins:  # outside the token check: a browser's preflight carries no token
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Location", "ETag", "Retry-After"])
+    app.add_middleware(HostAndOrigin, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)
     return app
 
 
-def serve(host: Optional[str] = None, port: Optional[int] = None, data_dir: Optional[str] = None) -> None:
-    """`onnxzip serve`: flags override ONNXZIP_* environment variables, which override the defaults."""
-    overrides = {k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None}
+def _spool_uploads_in(data_dir: Path) -> None:
+    """Multipart uploads spool to tempfile's directory: the data dir's own, not the system /tmp (one
+    volume to size, and an upload never needs twice its size across two disks)."""
+    spool = data_dir / "tmp"
+    spool.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(spool)
+
+
+def _warn_if_exposed(settings: Settings) -> None:
+    if settings.api_token is None and settings.host not in LOOPBACK_HOSTS:
+        logging.getLogger("onnxzip.service").warning(
+            "listening on %s without ONNXZIP_API_TOKEN: anyone who reaches this address can run merges and "
+            "read their results; set a token or listen on 127.0.0.1", settings.host)
+
+
+def serve(host: Optional[str] = None, port: Optional[int] = None, **store) -> None:
+    """`onnxzip serve`: flags override ONNXZIP_* environment variables, which override the defaults.
+    `store`: data_dir, workers, queue_url (the flags `onnxzip worker` takes too)."""
+    overrides = {k: v for k, v in {"host": host, "port": port, **store}.items() if v is not None}
     settings = load_settings(**overrides)
+    _spool_uploads_in(Path(settings.data_dir))
+    _warn_if_exposed(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=10)

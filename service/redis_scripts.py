@@ -22,7 +22,8 @@ local function load(k)
   return job
 end
 local function event(id, at, kind, status, stage, progress, message)
-  local eid = redis.call('INCR', ns .. ':event_id')
+  -- numbered within the job (1, 2, ...): events are only ever added, and removed with the job
+  local eid = redis.call('ZCARD', ns .. ':events:' .. id) + 1
   redis.call('ZADD', ns .. ':events:' .. id, eid, cjson.encode({id = eid, job_id = id, at = at, type = kind,
     status = status, stage = stage or cjson.null, progress = tonumber(progress), message = message}))
 end

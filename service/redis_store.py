@@ -15,9 +15,9 @@ Keys (NS = settings.queue_name, "onnxzip" by default):
     NS:status:<status>   sorted set: id by seq, one per status (filtered lists, the oldest queued job,
                          the running jobs the supervisors watch)
     NS:finished          sorted set: id by finished_at (retention)
-    NS:events:<id>       sorted set: event JSON by event id
+    NS:events:<id>       sorted set: event JSON by event id (1, 2, ... within the job)
     NS:key:<key>         string: the job id an Idempotency-Key belongs to
-    NS:seq, NS:event_id  counters
+    NS:seq               counter
 """
 
 from __future__ import annotations

@@ -135,6 +135,16 @@ class _OrderlyStop:
         finally:
             self._merge_job = None
 
+    def maintain_heartbeats(self, job, execution):
+        """RQ's heartbeats while a horse merges. A Redis restart must not end the merge: RQ would raise
+        ConnectionError out of its monitoring loop, ending this worker and so the horse with it. The
+        merge goes on (its own progress and lease writes wait out the outage too); the heartbeats resume
+        once Redis answers again."""
+        try:
+            return super().maintain_heartbeats(job, execution)
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            log.warning("Redis does not answer while a merge runs (%s); the merge goes on", err)
+
     def _stop_now(self, signum, frame):
         horse = self.horse_pid
         if horse:
@@ -197,7 +207,15 @@ def rq_worker_main(settings: Settings, parent_pid: int) -> None:
     _wait_for(connection, redacted(settings.queue_url))
     worker_class = MergeSpawnWorker if settings.job_start == "spawn" else MergeForkWorker
     worker = worker_class([Queue(settings.queue_name, connection=connection)], connection=connection,
-                          name=f"{HOST}.{os.getpid()}", maintenance_interval=MAINTENANCE_S, default_result_ttl=0)
+                          name=f"{HOST}.{os.getpid()}", maintenance_interval=MAINTENANCE_S, default_result_ttl=0,
+                          # RQ watches its horse and beats its heart this often (whole seconds: an alarm)
+                          job_monitoring_interval=max(1, round(settings.heartbeat_s)))
     # its own connections: the SIGTERM handler must not wait on a pool the interrupted code holds
     worker.merge_store, worker.merge_artifacts = open_redis_store(settings), open_artifacts(settings)
-    worker.work(logging_level="INFO")
+    try:
+        worker.work(logging_level="INFO")
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        # between jobs (RQ's own bookkeeping) a Redis outage ends the loop: the pool starts a fresh
+        # worker, which waits for Redis before it asks for work
+        log.warning("Redis went away between jobs (%s); this worker restarts", err)
+        raise SystemExit(75)

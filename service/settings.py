@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -23,6 +24,13 @@ class Settings(BaseSettings):
         Path("onnxzip-data"),
         description="Job store (SQLite) and artifacts live here; put it on a persistent volume.")
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 inside a container).")
+    allowed_hosts: list[str] = Field(
+        ["127.0.0.1", "localhost", "::1", "[::1]"],
+        description="Host header values the API answers (a DNS-rebinding guard): add the names clients "
+        "use (JSON list, e.g. '[\"onnxzip.internal\", \"localhost\"]'); '*' accepts any.")
+    cors_origins: list[str] = Field(
+        [], description="Web origins a browser app may call the API from (JSON list); none by default: a "
+        "request carrying any other Origin header is refused with 403.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the API.")
     workers: int = Field(
         2, ge=0, le=64,
@@ -84,6 +92,15 @@ class Settings(BaseSettings):
                              "or leases expire between heartbeats")
         return self
 
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value):
+        """ONNXZIP_API_TOKEN='' (compose passing an unset variable through) means no token, never an
+        empty one that any 'Bearer ' would match."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
     @field_validator("queue_url")
     @classmethod
     def _queue_is_redis(cls, url: Optional[str]) -> Optional[str]:
@@ -105,6 +122,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump(exclude={"api_token"}).items():
             if isinstance(value, Path):
                 value = value.resolve()  # a job process may start elsewhere
+            if isinstance(value, (list, dict)):
+                value = json.dumps(value)  # pydantic-settings reads complex values as JSON
             if value is not None:
                 env[f"ONNXZIP_{name.upper()}"] = str(value)
         return env

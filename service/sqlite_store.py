@@ -58,12 +58,15 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
+-- (events.n, the event's number within its job, is added below: data dirs from before it get it too)
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _JSON = ("options", "inputs", "artifacts", "result")
 _CANCELLED_ERROR = CANCELLED_ERROR
 
+
+READY_WAIT_S = 2.0  # how long a readiness probe waits for SQLite's write lock
 
 class SqliteJobStore:
     """`JobStore` on SQLite; safe to share between threads and processes (one connection each)."""
@@ -77,11 +80,21 @@ class SqliteJobStore:
         conn.executescript(SCHEMA)
         columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
         if "result" not in columns:  # a data dir from before job results: add the column, keep the jobs
-            try:
-                conn.execute("ALTER TABLE jobs ADD COLUMN result TEXT NOT NULL DEFAULT '{}'")
-            except sqlite3.OperationalError as err:  # another process of the service added it first
-                if "duplicate column" not in str(err):
-                    raise
+            self._add_column(conn, "ALTER TABLE jobs ADD COLUMN result TEXT NOT NULL DEFAULT '{}'")
+        if "n" not in {row["name"] for row in conn.execute("PRAGMA table_info(events)")}:
+            # event ids count within their job (1, 2, ...), as a client resuming a stream expects
+            self._add_column(conn, "ALTER TABLE events ADD COLUMN n INTEGER")
+            conn.execute("UPDATE events SET n = (SELECT COUNT(*) FROM events AS e WHERE e.job_id = events.job_id "
+                         "AND e.id <= events.id) WHERE n IS NULL")
+        conn.execute("CREATE INDEX IF NOT EXISTS events_by_job_n ON events(job_id, n)")
+
+    @staticmethod
+    def _add_column(conn: sqlite3.Connection, statement: str) -> None:
+        try:
+            conn.execute(statement)
+        except sqlite3.OperationalError as err:  # another process of the service added it first
+            if "duplicate column" not in str(err):
+                raise
 
     # --- plumbing -----------------------------------------------------------------------------------
 
@@ -109,8 +122,9 @@ class SqliteJobStore:
 
     def _event(self, c: sqlite3.Connection, job_id: str, type_: str, status: str, stage: Optional[str],
                progress: float, message: str) -> None:
-        c.execute("INSERT INTO events (job_id, at, type, status, stage, progress, message) VALUES (?,?,?,?,?,?,?)",
-                  (job_id, time.time(), type_, status, stage, progress, message))
+        c.execute("INSERT INTO events (job_id, n, at, type, status, stage, progress, message) VALUES "
+                  "(?, (SELECT COALESCE(MAX(n), 0) + 1 FROM events WHERE job_id=?), ?,?,?,?,?,?)",
+                  (job_id, job_id, time.time(), type_, status, stage, progress, message))
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:
@@ -193,13 +207,22 @@ class SqliteJobStore:
         return self._job(row)
 
     def events(self, job_id: str, after: int, limit: int) -> list[Event]:
-        rows = self._conn().execute("SELECT * FROM events WHERE job_id=? AND id>? ORDER BY id LIMIT ?",
-                                    (job_id, after, limit)).fetchall()
+        rows = self._conn().execute(
+            "SELECT n AS id, job_id, at, type, status, stage, progress, message FROM events WHERE job_id=? AND n>? "
+            "ORDER BY n LIMIT ?", (job_id, after, limit)).fetchall()
         return [Event(**dict(r)) for r in rows]
 
     def check_writable(self) -> None:
-        with self._write() as c:
-            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)", (str(time.time()),))
+        """Readiness: a write within READY_WAIT_S. A probe must answer quickly, not wait out the 30 s a
+        job write may wait for a lock (a locked file is reported as not ready)."""
+        conn = sqlite3.connect(self.path, timeout=READY_WAIT_S, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(READY_WAIT_S * 1000)}")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)", (str(time.time()),))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     # --- workers ------------------------------------------------------------------------------------
 

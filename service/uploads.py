@@ -106,6 +106,9 @@ def parse_options_field(text: Optional[str]) -> MergeOptions:
         raise InvalidOptionsError(
             f"options is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): send a JSON "
             'object such as {"share": 1.0, "tasks": ["a", "b"]}') from err
+    except RecursionError as err:  # json's parser recurses once per nesting level
+        raise InvalidOptionsError(
+            'options nest too deeply to be merge options: send a flat JSON object such as {"share": 1.0}') from err
     if not isinstance(data, dict):
         raise InvalidOptionsError(
             f'options must be a JSON object such as {{"share": 1.0}}, not {type(data).__name__}')

@@ -9,6 +9,7 @@ crashed job (the pool starts a fresh process: nothing of that merge lingers in m
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -118,6 +119,26 @@ class Lease(threading.Thread):
         return self.stop_since is not None
 
 
+def _until_written(write, what: str):
+    """A job's final state, written however long the store refuses (a full disk, a restarting Redis): the
+    process stays alive and holds the job meanwhile, so no job is left `running` without a worker."""
+    delay, last_report = 0.5, 0.0
+    while True:
+        try:
+            return write()
+        except TRANSIENT as err:
+            now = time.monotonic()
+            if now - last_report > 60.0:
+                log.warning("cannot record %s yet (%s: %s); retrying", what, type(err).__name__, err)
+                last_report = now
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _storage_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
     """Run one claimed job to its end; returns False when this process should be replaced."""
     token = job.lease_token
@@ -156,7 +177,7 @@ def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
             artifacts.prune(job.id, token)
         return True
     except CancelledError:
-        store.finish(job.id, token, CANCELLED)
+        _until_written(lambda: store.finish(job.id, token, CANCELLED), f"job {job.id} as cancelled")
         return False
     except FidelityNotMetError as err:  # the reports are kept so the miss can be read; no model is published
         files, publish = artifacts.save(job.id, token, {
@@ -167,17 +188,23 @@ def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
             artifacts.prune(job.id, token)
         return True
     except OnnxZipError as err:
-        store.finish(job.id, token, FAILED, error=(err.code, rename(str(err), names)))
+        _until_written(lambda: store.finish(job.id, token, FAILED, error=(err.code, rename(str(err), names))),
+                       f"job {job.id}'s failure")
         return True
-    except Exception as err:  # a bug in onnxzip or here: fail the job, keep the service up
+    except Exception as err:  # a bug in onnxzip or here, or a full disk: fail the job, keep the service up
         if lease.should_cancel():  # the job was cancelled or deleted under us: nothing to report
-            store.finish(job.id, token, CANCELLED)
+            _until_written(lambda: store.finish(job.id, token, CANCELLED), f"job {job.id} as cancelled")
             return False
-        log.error("job %s failed unexpectedly:\n%s", job.id, traceback.format_exc())
-        detail = " ".join(str(err).split())[:300]
-        store.finish(job.id, token, FAILED, error=(
-            "internal_error", f"onnxzip failed unexpectedly ({type(err).__name__}: {detail}); this is a bug: "
-                              "please report it with the job id and the service log"))
+        if _storage_full(err) or (isinstance(err, TRANSIENT) and "full" in str(err)):
+            log.warning("job %s: storage full: %s", job.id, err)
+            error = ("storage_full", "the service ran out of disk space while running this merge; submit it "
+                                     "again once space is freed")
+        else:
+            log.error("job %s failed unexpectedly:\n%s", job.id, traceback.format_exc())
+            detail = " ".join(str(err).split())[:300]
+            error = ("internal_error", f"onnxzip failed unexpectedly ({type(err).__name__}: {detail}); this is a "
+                                       "bug: please report it with the job id and the service log")
+        _until_written(lambda: store.finish(job.id, token, FAILED, error=error), f"job {job.id}'s failure")
         return False
     finally:
         lease.done.set()
@@ -185,13 +212,14 @@ def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
             artifacts.discard_work(job.id, token)
 
 
-def run_worker() -> None:
+def run_worker(**overrides) -> None:
     """`onnxzip worker`: settings.workers merge processes on the configured store, without the API; with
-    ONNXZIP_QUEUE_URL, RQ workers taking jobs from the queue (on any number of machines)."""
+    ONNXZIP_QUEUE_URL, RQ workers taking jobs from the queue (on any number of machines). `overrides`
+    are the command's flags (--data-dir, --workers, --queue-url), over the ONNXZIP_* variables."""
     from .workers import WorkerPool
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings()
+    settings = load_settings(**overrides)
     store = open_store(settings)
     pool = WorkerPool(settings, store, open_artifacts(settings), count=max(1, settings.workers))
     stop = threading.Event()

@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from typing import Optional
 
 from .settings import Settings
@@ -30,6 +31,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 TICK_S = 0.25
 MAINTAIN_S = 10.0  # how often the store's own housekeeping runs (re-dispatching lost queue entries)
 TERMINATE_WAIT_S = 2.0  # after SIGTERM, before SIGKILL
+REPORT_EVERY_S = 60.0  # a supervisor that keeps failing says so this often
 ORPHAN_AGE_S = 3600.0  # folders without a record older than this are leftovers of a crash
 
 
@@ -58,7 +60,7 @@ class WorkerPool:
         for name in THREAD_VARIABLES:  # a value the operator set in the environment wins
             os.environ.setdefault(name, str(self.threads))
         try:
-            self._reap_lost(self.store.now())  # jobs that were running when a previous server died
+            self._reap_lost(self.store.now(), at_start=True)  # jobs running when a previous server died
         except TRANSIENT as err:  # the store is out of reach: the supervisor's ticks try again
             log.warning("the job store does not answer yet: %s", err)
         self.processes = [self._spawn() for _ in range(self.count)]
@@ -98,11 +100,22 @@ class WorkerPool:
     # --- supervision ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        last_report, failing = 0.0, False
         while not self.stopped.wait(TICK_S):
             try:
                 self.tick()
-            except Exception:  # a transient store error must not end supervision
-                log.exception("supervisor tick failed")
+                if failing:
+                    log.info("supervisor ticks succeed again")
+                failing = False
+            except Exception as err:  # a store that cannot be written (disk full) must not end supervision
+                now = time.monotonic()
+                if not failing:
+                    log.exception("supervisor tick failed; retrying every %g s", TICK_S)
+                elif now - last_report > REPORT_EVERY_S:  # one line a minute, not a traceback per tick
+                    log.warning("supervisor ticks still fail: %s: %s", type(err).__name__, err)
+                else:
+                    continue
+                failing, last_report = True, now
 
     def tick(self) -> None:
         now = self.store.now()
@@ -112,12 +125,12 @@ class WorkerPool:
             if self.stopped.is_set() or process.is_alive():
                 continue
             job = by_pid.get(process.pid)
-            if job is not None:
+            process.join()
+            self.processes[i] = self._spawn()  # first: the pool stays whole even while the store fails
+            if job is not None:  # if this cannot be written now, _reap_lost retries it every tick
                 self.store.requeue_lost(job.id, job.lease_token,
                                         f"worker process {process.pid} exited with code {process.exitcode}")
                 self.artifacts.discard_work(job.id, job.lease_token)
-            process.join()
-            self.processes[i] = self._spawn()
         for job in running:
             self._enforce_limits(job, now)
         self._reap_lost(now)
@@ -153,14 +166,22 @@ class WorkerPool:
         self.artifacts.discard_work(job.id, job.lease_token)
         self.cancel_seen.pop(job.id, None)
 
-    def _reap_lost(self, now: float) -> None:
-        """Requeue running jobs nobody works on: lease expired, or the worker process on this host is gone."""
+    def _reap_lost(self, now: float, at_start: bool = False) -> None:
+        """Requeue running jobs nobody works on: lease expired, or the worker process on this host is gone.
+        At start, a job this host was running when the previous server died (killed, crashed, restarted)
+        lost its worker through no fault of its own: if it was making progress, the attempt is given back
+        (it runs again as the same attempt), so restarts never use up a healthy job's attempts."""
         ours = set(self.pids())
         for job in self.store.running():
             if job.worker_pid in ours and job.worker_host == HOST:
                 continue  # our own workers are watched directly
             dead = job.worker_host == HOST and not pid_alive(job.worker_pid)
             expired = job.lease_expires is not None and job.lease_expires < now
+            if at_start and dead and job.progress > 0:
+                if self.store.release(job.id, job.lease_token, "the service restarted under it (attempt not counted)"):
+                    log.warning("job %s: the service restarted under it; requeued, attempt not counted", job.id)
+                    self.artifacts.discard_work(job.id, job.lease_token)
+                continue
             if dead or expired:
                 reason = (f"its worker process {job.worker_pid} is gone" if dead
                           else f"its worker stopped renewing the lease for {self.settings.lease_s:g} s")

@@ -17,6 +17,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+import malformed
 from conftest import case, run_cli
 
 MLP = case("mlp_legacy")
@@ -186,6 +187,15 @@ def external_data_symlink_outside(tmp):
     return merge_args(tmp, a=path)
 
 
+def external_data_in_subgraph(tmp):
+    """An If branch's constant kept in '../probe.bin', outside the model's folder (issue 16)."""
+    (tmp / "probe.bin").write_bytes(b"\0" * 16)
+    path = tmp / "models" / "branchy.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(malformed.external_data_in_subgraph(MLP / "a.onnx", "../probe.bin"))
+    return merge_args(tmp, a=path)
+
+
 def unsupported_opset(tmp):
     model = onnx.load(str(MLP / "a.onnx"))
     for entry in model.opset_import:
@@ -325,6 +335,16 @@ def calibration_bad_crc(tmp):
     return merge_args(tmp, calib=path)
 
 
+def damaged_archive(kind: str):
+    """An .npz that zipfile cannot read as it stands (issue 16): encrypted, compression 99, a broken
+    local header, corrupt deflate data."""
+    def build(tmp):
+        path = tmp / f"{kind}.npz"
+        path.write_bytes(malformed.ALL[kind](calib_samples()))
+        return merge_args(tmp, calib=path)
+    return build
+
+
 def calibration_different_sample_counts(tmp):
     a, b = two_input_pair(tmp)
     samples = calib_samples()
@@ -383,6 +403,7 @@ BAD_INPUTS = [
     ("external-data-outside-folder", external_data_outside, ["../outside.bin", R(r"outside|external")]),
     ("external-data-absolute-path", external_data_absolute, ["weights.bin", R(r"outside|external|absolute")]),
     ("external-data-symlink-outside", external_data_symlink_outside, ["weights.bin", R(r"outside|external")]),
+    ("external-data-in-subgraph", external_data_in_subgraph, ["branchy.onnx", "../probe.bin", R(r"outside")]),
     ("unsupported-opset", unsupported_opset, ["old_opset.onnx", R(r"opset\D{0,5}9\b")]),
     # calibration
     ("missing-calibration", missing_calibration, ["no_such_calib.npz", R(r"not exist|no such|not found|missing")]),
@@ -406,6 +427,8 @@ BAD_INPUTS = [
      ["huge_header.npz", R(r"declare|expand|too (large|big)|exceed|bytes|size")]),
     ("calibration-header-lies", calibration_header_lies, ["lying.npz", R(r"declare|bytes|size|damaged|truncated")]),
     ("calibration-bad-crc", calibration_bad_crc, ["crc.npz", R(r"crc|damaged|corrupt|checksum")]),
+    *[(f"calibration-{kind}", damaged_archive(kind), [f"{kind}.npz", "damaged", "numpy.savez"])
+      for kind in malformed.ALL],
     ("calibration-different-sample-counts", calibration_different_sample_counts,
      ["counts.npz", "500", "512", R(r"sample")]),
     # models that cannot be aligned

@@ -255,3 +255,72 @@ def test_inspect_json():
     text = json.dumps(info)
     for name in _gemm_names(folder / "a.onnx"):
         assert name in text, name
+
+
+# --- habits users bring from other command-line tools (issue 15) ------------------------------------------
+
+def test_help_and_version_answer_without_loading_the_engine():
+    """`--help` and `--version` import neither onnx, onnxruntime, numpy nor pydantic (they took ~3 s)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for flag in ("--version", "--help", "merge --help"):
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "onnxzip.cli", *flag.split()],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-2000:]
+        loaded = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+        assert not loaded & {"numpy", "onnx", "onnxruntime", "pydantic", "scipy"}, (flag, loaded & {"numpy", "onnx"})
+    assert "onnxzip 0." in run_cli("--version").stdout
+
+
+def test_a_reader_that_leaves_early_is_not_a_traceback():
+    """`onnxzip inspect ... | head -1`: the pipe closes under the writer; exit 141 (SIGPIPE), nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    d = case("resnet_legacy")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    result = subprocess.run([sys.executable, "-m", "onnxzip.cli", "inspect", str(d / "a.onnx"), str(d / "b.onnx")],
+                            stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(write)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_short_flags_and_a_log_file(tmp_path):
+    """-o for --out, -q, and --log-file with every stage's steps and the summary."""
+    d = case("mlp_legacy")
+    log = tmp_path / "merge.log"
+    result = run_cli("merge", d / "a.onnx", d / "b.onnx", "--calibration", d / "calib.npz", "-o", tmp_path / "m.onnx",
+                     "-q", "--seed", "3", "--log-file", log)
+    assert result.returncode == 0, result.stderr
+    assert onnx.load(str(tmp_path / "m.onnx")).graph.output
+    text = log.read_text()
+    assert "INFO onnxzip: merge" in text and "wrote" in text, text[:2000]
+
+
+def test_progress_bars_show_elapsed_and_remaining_time(monkeypatch):
+    import io
+    import sys
+
+    from onnxzip.cli import _Bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    bars = _Bars(quiet=False)
+    bars("merge", 0.4, "layer 3/10: pairing and merging")
+    bars.close()
+    line = screen.getvalue().split("\r")[-1]
+    assert "40%" in line and "<" in line and "layer 3/10" in line, line
+    assert "% ," not in line and " , " not in line, line  # no stray separator before the message

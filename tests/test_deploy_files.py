@@ -3,6 +3,8 @@ install onnxzip the way the README says."""
 
 from __future__ import annotations
 
+import json
+
 import re
 
 import yaml
@@ -44,6 +46,18 @@ def test_scale_out_compose_has_api_gpu_worker_redis_and_volumes():
             assert dep in services
     build = services["api"]["build"]
     assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_compose_files_publish_the_api_on_loopback_unless_told_otherwise():
+    """Issue 16: no token by default, so the published port binds to 127.0.0.1 (ONNXZIP_BIND widens it),
+    the token passes through, and the Host allow-list names the service as clients reach it."""
+    for path, name in ((COMPOSE, "api"), (EMBEDDED, "onnxzip")):
+        service = _load(path)["services"][name]
+        assert service["ports"] == ["${ONNXZIP_BIND:-127.0.0.1}:8000:8000"]
+        env = service["environment"]
+        assert env["ONNXZIP_API_TOKEN"] == "${ONNXZIP_API_TOKEN:-}"
+        default = env["ONNXZIP_ALLOWED_HOSTS"].split(":-", 1)[1].rstrip("}")
+        assert {"localhost", "127.0.0.1", name} <= set(json.loads(default))
 
 
 def test_embedded_compose_is_one_gpu_container_with_a_data_volume():

@@ -12,6 +12,8 @@ the backends and say whether they answer.
 from __future__ import annotations
 
 import hashlib
+import shutil
+import time
 import os
 import signal
 import subprocess
@@ -383,3 +385,50 @@ def test_artifacts_on_s3_stream_back_exactly_what_the_worker_uploaded(tmp_path, 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_a_redis_restart_mid_merge_costs_the_job_nothing(tmp_path):
+    """Issue 16: Redis (with its append-only file, as in the compose setup) restarts while a merge runs on
+    a queue worker: the merge goes on, its result is written once Redis is back, on attempt 1."""
+    from test_scaleout_store import RedisServer
+
+    class PersistentRedis(RedisServer):
+        def start(self):
+            binary = shutil.which("redis-server")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.log = open(self.folder / "redis.log", "ab")
+            self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)],
+                                         stdout=self.log, stderr=subprocess.STDOUT)
+            client = self.client()
+
+            def answers():
+                try:
+                    return client.ping()
+                except redis.ConnectionError:
+                    return False
+
+            wait_until(answers, 20, 0.05, "redis-server to answer")
+            return self
+
+    store = PersistentRedis(tmp_path / "redis").start()
+    settings = {"queue_url": store.url, **FAST, "lease_s": 30}
+    api = Server(tmp_path / "data", **settings, workers=0).start()
+    worker = QueueWorker(tmp_path, "one", data_dir=tmp_path / "data", **settings).start(store.url)
+    try:
+        with api.client() as c:
+            job = submit(c, calibration=long_calibration(), options=LONG_OPTIONS).json()
+            running = wait_until(lambda: (j := c.get(f"/v1/merges/{job['id']}").json())["stage"] == "merge" and j,
+                                 90, 0.05, "the job to merge")
+            store.stop()
+            time.sleep(3)  # Redis is down: the merge runs on
+            assert pid_alive(running["worker_pid"]), "the merge must survive the outage"
+            store.start()
+            done = wait_job(c, job["id"], timeout=120)
+            assert done["status"] == "succeeded", done
+            assert done["attempts"] == 1, done
+            assert_runs(c, done)
+    finally:
+        worker.stop()
+        api.stop()
+        store.stop()

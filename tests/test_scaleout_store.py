@@ -23,6 +23,7 @@ from service.settings import Settings
 from service.store import CANCEL, FAILED, HELD, LOST, QUEUED, RUNNING, SUCCEEDED, Job
 from test_service_server import free_port, wait_until
 from test_service_store import (test_an_idempotency_key_belongs_to_one_job,  # noqa: F401 (run again here)
+                                test_event_ids_count_within_each_job,
                                 test_attempts_are_capped_by_max_attempts,
                                 test_cancel_is_immediate_when_queued_and_a_flag_when_running,
                                 test_event_ids_grow_and_resume_after_any_id,

@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+import malformed
 from test_service_server import (LONG_OPTIONS, MLP, assert_error, long_calibration, npz_bytes, start_server,
                                  submit, wait_job, wait_until)
 
@@ -132,6 +133,8 @@ BAD_SUBMISSIONS = [
      ["big.onnx", "external data", "save_as_external_data=False"]),
     ("external-data-path-trick", bad_model(external_data_model("../../../../etc/passwd"), "evil.onnx"), 422,
      "invalid_model", ["evil.onnx", "external"]),
+    ("external-data-in-subgraph", bad_model(malformed.external_data_in_subgraph(MLP / "a.onnx", "probe.bin"),
+                                            "branchy.onnx"), 422, "invalid_model", ["branchy.onnx", "external"]),
     ("json-body", lambda c: c.post("/v1/merges", json={"models": ["a.onnx", "b.onnx"]}), 415,
      "unsupported_media_type", ["multipart/form-data", "application/json"]),
     ("urlencoded-body", lambda c: c.post("/v1/merges", data={"options": "{}"}), 415, "unsupported_media_type",
@@ -170,6 +173,11 @@ BAD_SUBMISSIONS = [
     ("calibration-not-npz", bad_calibration(b"input\n0.0,1.0\n" * 100, "calib.csv"), 422, "invalid_calibration",
      ["calib.csv", "numpy.savez"]),
     ("idempotency-key-too-long", lambda c: submit(c, key="k" * 500), 422, "invalid_request", ["Idempotency-Key"]),
+    # issue 16: archives zipfile cannot read as they stand, and options nested 100,000 deep, were 500s
+    *[(f"calibration-{kind}", bad_calibration(build(calib()), f"{kind}.npz"), 422, "invalid_calibration",
+       [f"{kind}.npz", "damaged", "numpy.savez"]) for kind, build in malformed.ALL.items()],
+    ("options-nested-deep", bad_options('{"share": ' + "[" * 100_000 + "]" * 100_000 + "}"), 422,
+     "invalid_options", ["nest"]),
 ]
 
 
@@ -197,7 +205,25 @@ BAD_REQUESTS = [
     ("bad-status-filter", "GET", "/v1/merges?status=done", 422, "invalid_request", ["status"]),
     ("bad-limit", "GET", "/v1/merges?limit=0", 422, "invalid_request", ["limit"]),
     ("bad-events-after", "GET", "/v1/merges/nope/events?after=-1", 422, "invalid_request", ["after"]),
+    # issue 16: numbers beyond a signed 64-bit integer were 500s (OverflowError in SQLite)
+    ("cursor-overflow", "GET", "/v1/merges?cursor=MTAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA", 422,
+     "invalid_request", ["cursor", "next_cursor"]),
+    ("events-after-overflow", "GET", "/v1/merges/nope/events?after=9223372036854775808", 422, "invalid_request",
+     ["after"]),
 ]
+
+
+def test_event_stream_resumes_after_any_last_event_id(client):
+    """Last-Event-ID beyond every id (10^30) ends the stream cleanly with nothing newer, not mid-response."""
+    job = wait_job(client, submit(client).json()["id"])
+    with client.stream("GET", f"/v1/merges/{job['id']}/events",
+                       headers={"Accept": "text/event-stream", "Last-Event-ID": str(10**30)}) as response:
+        assert response.status_code == 200
+        body = b"".join(response.iter_bytes())
+    assert b"data:" not in body
+    with client.stream("GET", f"/v1/merges/{job['id']}/events",
+                       headers={"Accept": "text/event-stream", "Last-Event-ID": "0"}) as response:
+        assert b'"succeeded"' in b"".join(response.iter_bytes())
 
 
 @pytest.mark.parametrize("method, path, status, code, needles", [b[1:] for b in BAD_REQUESTS],

@@ -7,6 +7,7 @@ process itself: health and info, bearer-token auth, upload limits, retention, cl
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -275,6 +276,9 @@ def test_bearer_token_guards_everything_but_healthz(tmp_path_factory):
             assert response.headers["www-authenticate"] == "Bearer"
         wrong = bare.get("/v1/merges", headers={"Authorization": "Bearer nope"})
         assert_error(wrong, 401, "unauthorized", "not this service's")
+        for scheme in ("bearer", "BEARER"):  # RFC 7235: the scheme is case-insensitive
+            assert bare.get("/v1/merges", headers={"Authorization": f"{scheme} s3cret-token"}).status_code == 200
+        assert_error(bare.get("/v1/merges", headers={"Authorization": "Basic s3cret-token"}), 401, "unauthorized")
         assert_error(submit(bare), 401, "unauthorized")
         with server.client() as c:
             assert c.get("/v1/merges").status_code == 200
@@ -286,6 +290,62 @@ def test_bearer_token_guards_everything_but_healthz(tmp_path_factory):
         bare.close()
     finally:
         server.stop()
+
+
+def test_unknown_hosts_and_other_web_origins_are_refused_before_the_body(tmp_path_factory):
+    """Hardening by default (issue 16): a Host header outside ONNXZIP_ALLOWED_HOSTS is a 400 (DNS
+    rebinding), a request a browser sends from another origin a 403 (no job made); listed origins get
+    CORS headers, preflight included; uploads spool inside the data dir."""
+    server = start_server(tmp_path_factory, "hosts", workers=0)
+    try:
+        with server.client() as c:
+            assert_error(c.get("/v1/merges", headers={"Host": "evil.example"}), 400, "invalid_host",
+                         "evil.example", "ONNXZIP_ALLOWED_HOSTS")
+            assert c.get("/v1/merges", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+            assert c.get("/healthz", headers={"Host": "evil.example"}).status_code == 200  # probes by any name
+            before = c.get("/v1/merges").json()["items"]
+            refused = submit(httpx.Client(base_url=server.url, timeout=30, headers={"Origin": "https://evil.example"}))
+            assert_error(refused, 403, "cross_origin_refused", "https://evil.example", "ONNXZIP_CORS_ORIGINS")
+            assert c.get("/v1/merges").json()["items"] == before
+        assert (server.data_dir / "tmp").is_dir()
+    finally:
+        server.stop()
+    app = "https://app.example"
+    server = start_server(tmp_path_factory, "cors", workers=0, cors_origins=json.dumps([app]),
+                          allowed_hosts=json.dumps(["127.0.0.1", "onnxzip.internal"]), api_token="tok")
+    try:
+        with server.client() as c:
+            ok = c.get("/v1/merges", headers={"Origin": app})
+            assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == app
+            preflight = httpx.options(server.url + "/v1/merges", headers={
+                "Origin": app, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization"})
+            assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == app
+            assert c.get("/v1/merges", headers={"Host": "onnxzip.internal"}).status_code == 200
+            assert_error(c.get("/v1/merges", headers={"Host": "localhost"}), 400, "invalid_host")
+    finally:
+        server.stop()
+
+
+def test_listening_beyond_loopback_without_a_token_warns_at_start(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "onnxzip.cli", "serve", "--host", "0.0.0.0", "--port", str(port),
+                             "--data-dir", str(tmp_path / "data")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "ONNXZIP_WORKERS": "0"}, cwd=ROOT, text=True)
+    def answered():
+        if proc.poll() is not None:
+            return True
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(answered, 60, 0.2, "the server to answer")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert "without ONNXZIP_API_TOKEN" in output and "0.0.0.0" in output, output[-2000:]
 
 
 def test_upload_limits_answer_413_and_the_service_stays_up(tmp_path_factory):
@@ -363,3 +423,22 @@ def test_a_job_over_the_time_limit_fails_with_timeout_and_its_worker_is_replaced
             wait_until(lambda: len(worker_pids(server.proc.pid)) == 1, 30, what="a fresh worker")
     finally:
         server.stop()
+
+
+def test_a_worker_started_with_the_servers_data_dir_flag_runs_its_jobs(tmp_path_factory):
+    """Issue 15: `onnxzip serve --data-dir D` with no workers of its own and `onnxzip worker --data-dir D`
+    (flags, no ONNXZIP_* variables) share the job store: the worker takes the job."""
+    server = start_server(tmp_path_factory, "flags", workers=0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXZIP_")}
+    worker = subprocess.Popen([sys.executable, "-m", "onnxzip.cli", "worker", "--data-dir", str(server.data_dir),
+                               "--workers", "1"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with server.client() as c:
+            done = wait_job(c, submit(c).json()["id"], timeout=120)
+            assert done["status"] == "succeeded", done
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        stderr = worker.communicate(timeout=30)[1]
+        server.stop()
+    assert str(server.data_dir) in stderr and "Traceback" not in stderr, stderr[-2000:]

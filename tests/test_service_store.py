@@ -97,6 +97,18 @@ def test_event_ids_grow_and_resume_after_any_id(store):
     assert store.events(job.id, 0, 100) == []
 
 
+def test_event_ids_count_within_each_job(store):
+    """Issue 15: a job's events are numbered 1, 2, 3, ... whatever other jobs did meanwhile."""
+    first, second = new_job(store), new_job(store)
+    claimed = store.claim(pid=1, host="h", lease_s=60)
+    for i in range(3):
+        store.progress(claimed.id, claimed.lease_token, "merge", i / 3, f"step {i}")
+    for job in (first, second):
+        ids = [e.id for e in store.events(job.id, 0, 100)]
+        assert ids == list(range(1, len(ids) + 1)), ids
+    assert len(store.events(first.id, 0, 100)) == 5 and len(store.events(second.id, 0, 100)) == 1
+
+
 def test_an_idempotency_key_belongs_to_one_job(store):
     first = new_job(store, key="k1", digest="a")
     again, created = store.create(Job(id=uuid.uuid4().hex, status=QUEUED, created_at=0, options={}, inputs=[],

@@ -105,11 +105,17 @@ def _replay(response: Response, earlier: Job, digest: str, key: str) -> JobPubli
     return _accepted(response, earlier, replayed=True)
 
 
+MAX_ID = 2**63 - 1  # ids and sequence numbers are signed 64-bit integers in SQLite and Redis
+
+
 def _decode_cursor(cursor: Optional[str]) -> Optional[int]:
     if cursor is None:
         return None
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        value = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        if not 0 <= value <= MAX_ID:  # a job sequence number is a signed 64-bit SQLite/Redis integer
+            raise ValueError(value)
+        return value
     except (ValueError, binascii.Error, UnicodeDecodeError) as err:
         raise ApiError(422, "invalid_request", "cursor is not one this service issued: pass next_cursor from "
                                                "the previous page unchanged") from err
@@ -159,7 +165,7 @@ def delete_merge(job_id: str, store: StoreDep, artifacts: ArtifactsDep) -> Respo
             description="JSON list of events after `after`. With `Accept: text/event-stream`, server-sent "
                         "events that resume after `Last-Event-ID` and end once the job has finished.")
 async def merge_events(job_id: str, request: Request, store: StoreDep,
-                       after: Annotated[int, Query(ge=0)] = 0,
+                       after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
                        limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
                        last_event_id: Annotated[Optional[str], Header(alias="Last-Event-ID")] = None):
     await to_thread.run_sync(_job_or_404, store, job_id)
@@ -167,7 +173,7 @@ async def merge_events(job_id: str, request: Request, store: StoreDep,
         events = await to_thread.run_sync(store.events, job_id, after, limit)
         return [EventPublic.of(e) for e in events]
     if last_event_id is not None and last_event_id.strip().isdigit():
-        after = int(last_event_id)
+        after = min(int(last_event_id), MAX_ID)  # beyond every id: nothing newer than it, only the end
     return StreamingResponse(_event_stream(request, store, job_id, after), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
