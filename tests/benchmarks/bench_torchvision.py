@@ -1,6 +1,6 @@
-"""torchvision's own architectures, merged with a channel-permuted copy of themselves: prints the table
-docs/architectures.md records. Needs torchvision (never in CI's path: pip install torch torchvision
-onnxscript), and runs onnxzip from this checkout.
+"""torchvision's (and two of timm's) architectures, merged with a channel-permuted copy of themselves:
+prints the table docs/architectures.md records. Needs torchvision and timm (never in CI's path: pip
+install torch torchvision timm onnxscript), and runs onnxzip from this checkout.
 
     python tests/benchmarks/bench_torchvision.py [--size 64] [--only NAME ...]
 
@@ -33,7 +33,9 @@ import onnxzip  # noqa: E402
 from conftest import rel_err, run  # noqa: E402
 from permute import permuted_copy  # noqa: E402
 
-MODELS = ("convnext_tiny", "densenet121", "shufflenet_v2_x0_5", "efficientnet_b0", "vit_small", "swin_small")
+MODELS = ("convnext_tiny", "densenet121", "shufflenet_v2_x0_5", "efficientnet_b0", "vit_small", "swin_small",
+          "ghostnet_100", "mobilevit_xxs")
+TIMM = ("ghostnet_100", "mobilevit_xxs")  # from timm (pip install timm), the others from torchvision
 
 
 def build(name: str, size: int) -> torch.nn.Module:
@@ -45,6 +47,9 @@ def build(name: str, size: int) -> torch.nn.Module:
     elif name == "swin_small":  # torchvision's SwinTransformer (swin_t's code), 2 stages
         from torchvision.models.swin_transformer import SwinTransformer
         model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4])
+    elif name in TIMM:
+        import timm
+        model = timm.create_model(name, pretrained=False)
     else:
         model = getattr(torchvision.models, name)(weights=None)
     model.train()
