@@ -140,7 +140,8 @@ def install(app: FastAPI) -> None:
         return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):  # a bug: log it, answer plainly, stay up
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+    async def _unexpected(request: Request, exc: Exception):  # a bug: answer plainly, stay up
+        # one line here; the traceback is logged once, by the server (Starlette re-raises it after this answer)
+        log.error("unhandled error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return error_response(500, "internal_error", f"the service failed unexpectedly ({type(exc).__name__}); "
                                                      "this is a bug: please report it with the service log")
