@@ -171,8 +171,10 @@ def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
         files, publish = artifacts.save(job.id, token, {
             "merged.onnx": model.SerializeToString(), "report.json": json.dumps(report, indent=2).encode(),
             "report.html": render(report).encode()})
-        committed = store.finish(job.id, token, SUCCEEDED, artifacts=files, publish=publish,
-                                 result=MergeResult.of_report(report).model_dump(mode="json"))
+        result = MergeResult.of_report(report).model_dump(mode="json")
+        # a finished merge is kept through a store outage (Redis restarting): written once it answers
+        committed = _until_written(lambda: store.finish(job.id, token, SUCCEEDED, artifacts=files, publish=publish,
+                                                        result=result), f"job {job.id}'s success")
         if committed:
             artifacts.prune(job.id, token)
         return True
@@ -182,8 +184,10 @@ def run_job(job: Job, store: JobStore, artifacts, settings: Settings) -> bool:
     except FidelityNotMetError as err:  # the reports are kept so the miss can be read; no model is published
         files, publish = artifacts.save(job.id, token, {
             "report.json": json.dumps(err.report, indent=2).encode(), "report.html": render(err.report).encode()})
-        committed = store.finish(job.id, token, FAILED, error=(err.code, rename(str(err), names)), artifacts=files,
-                                 publish=publish, result=MergeResult.of_report(err.report).model_dump(mode="json"))
+        result = MergeResult.of_report(err.report).model_dump(mode="json")
+        error = (err.code, rename(str(err), names))
+        committed = _until_written(lambda: store.finish(job.id, token, FAILED, error=error, artifacts=files,
+                                                        publish=publish, result=result), f"job {job.id}'s result")
         if committed:
             artifacts.prune(job.id, token)
         return True
