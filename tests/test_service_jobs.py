@@ -182,7 +182,8 @@ def test_cancelling_a_running_job_ends_it_and_its_worker_process(client, server)
 
 def test_queued_job_cancels_at_once_and_delete_removes_everything(client, server):
     """With both workers busy a new job waits: cancel makes it `cancelled` at once (200). DELETE removes
-    record and files, also of a running job, whose worker then stops."""
+    record and files (204), also of a running job, which it cancels first and says so (200), whose
+    worker then stops."""
     busy = [submit(client, calibration=long_calibration(), options=LONG_OPTIONS).json() for _ in range(2)]
     waiting = submit(client).json()
     cancelled = client.post(f"/v1/merges/{waiting['id']}/cancel")
@@ -190,7 +191,9 @@ def test_queued_job_cancels_at_once_and_delete_removes_everything(client, server
     assert cancelled.json()["status"] == "cancelled" and cancelled.json()["started_at"] is None
     running = wait_until(lambda: (j := client.get(f"/v1/merges/{busy[0]['id']}").json())["status"] == "running"
                          and j, 60, what="a running job")
-    assert client.delete(f"/v1/merges/{busy[0]['id']}").status_code == 204
+    deleted = client.delete(f"/v1/merges/{busy[0]['id']}")  # running: cancelled first, and it says so
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["cancelled_run"] is True and "was running" in deleted.json()["message"]
     assert_error(client.get(f"/v1/merges/{busy[0]['id']}"), 404, "not_found")
     assert_error(client.delete(f"/v1/merges/{busy[0]['id']}"), 404, "not_found")
     wait_until(lambda: not pid_alive(running["worker_pid"]), 10, what="the deleted job's worker to stop")

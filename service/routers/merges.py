@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from onnxzip.errors import InvalidOptionsError
 
@@ -150,13 +150,22 @@ def cancel_merge(job_id: str, store: StoreDep, response: Response) -> JobPublic:
     return JobPublic.of(job)
 
 
-@router.delete("/{job_id}", status_code=204, responses=_ERRORS, summary="Delete a job and its files",
-               description="A running job loses its lease at once; its worker stops within the grace period.")
-def delete_merge(job_id: str, store: StoreDep, artifacts: ArtifactsDep) -> Response:
+@router.delete("/{job_id}", status_code=204, summary="Delete a job and its files",
+               responses={**_ERRORS, 200: {"description": "The job was running: its merge was cancelled first "
+                                                          "(the body says so), then the job was deleted"}},
+               description="A queued or finished job: 204. A running job is cancelled first (it loses its lease "
+                           "at once; its worker stops within the grace period), then deleted: 200 with a "
+                           "message saying so.")
+def delete_merge(job_id: str, store: StoreDep, artifacts: ArtifactsDep, settings: SettingsDep) -> Response:
     job = store.request_cancel(job_id)
     if job is None or store.delete(job_id) is None:
         raise not_found(job_id)
     artifacts.remove(job_id)
+    if job.status == RUNNING:
+        return JSONResponse({"id": job_id, "deleted": True, "cancelled_run": True,
+                             "message": f"the job was running: its merge was cancelled (its worker stops within "
+                                        f"{settings.cancel_grace_s:g} s) and the job, its inputs and artifacts "
+                                        "were deleted"})
     return Response(status_code=204)
 
 
