@@ -383,6 +383,21 @@ def _unflattened_linears(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
     graph.cleanup().toposort()
 
 
+def _absorb_bias(node: gs.Node, weight: np.ndarray, graph: gs.Graph) -> tuple[np.ndarray, gs.Tensor]:
+    """The bias of MatMul `node` (x @ weight): a per-output constant Add right after it, detached from the
+    graph and returned with the tensor it wrote; zeros and the MatMul's own output when there is none."""
+    out = node.outputs[0]
+    add = out.outputs[0] if _single_consumer(out, graph) else None
+    if add is not None and add.op == "Add":
+        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        b = _constant(other)
+        if b is not None and b.size == weight.shape[1] and b.shape[-1:] == (weight.shape[1],):
+            y = add.outputs[0]
+            add.outputs.clear()
+            return b.reshape(-1).astype(weight.dtype), y
+    return np.zeros(weight.shape[1], dtype=weight.dtype), out
+
+
 def _matmul_to_gemm(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
     """MatMul(x, W) [+ b] with constant 2-D W and 2-D x becomes Gemm(x, W^T, b, transB=1)."""
     for node in list(graph.nodes):
@@ -392,16 +407,7 @@ def _matmul_to_gemm(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
         x_shape = shapes.get(node.inputs[0].name)
         if weight is None or weight.ndim != 2 or not x_shape or len(x_shape) != 2:
             continue
-        out = node.outputs[0]
-        bias = np.zeros(weight.shape[1], dtype=weight.dtype)
-        add = out.outputs[0] if _single_consumer(out, graph) else None
-        if add is not None and add.op == "Add":
-            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-            b = _constant(other)
-            if b is not None and b.size == weight.shape[1] and b.shape[-1:] == (weight.shape[1],):
-                bias = b.reshape(-1).astype(weight.dtype)
-                out = add.outputs[0]
-                add.outputs.clear()
+        bias, out = _absorb_bias(node, weight, graph)
         x = node.inputs[0]
         node.outputs.clear()
         gemm = gs.Node("Gemm", name=node.name or out.name, attrs={"transB": 1},
@@ -420,16 +426,7 @@ def _channels_last_linears(graph: gs.Graph, shapes: dict[str, Shape]) -> None:
         x_shape = shapes.get(node.inputs[0].name)
         if weight is None or weight.ndim != 2 or not x_shape or len(x_shape) < 3:
             continue
-        out = node.outputs[0]
-        bias = np.zeros(weight.shape[1], dtype=weight.dtype)
-        add = out.outputs[0] if _single_consumer(out, graph) else None
-        if add is not None and add.op == "Add":
-            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-            b = _constant(other)
-            if b is not None and b.size == weight.shape[1] and b.shape[-1:] == (weight.shape[1],):
-                bias = b.reshape(-1).astype(weight.dtype)
-                out = add.outputs[0]
-                add.outputs.clear()
+        bias, out = _absorb_bias(node, weight, graph)
         name = node.name or out.name
         _counter[0] += 1
         transposed = gs.Variable(f"{name}.Wt.{_counter[0]}", dtype=weight.dtype)

@@ -42,21 +42,6 @@ def layer_norm(cg: ChannelGraph, node: gs.Node, carried, why) -> bool:
     return _set(cg, node, lay)
 
 
-def reduce_over_channels(cg: ChannelGraph, node: gs.Node, carried, why) -> bool:
-    """A reduction: over other axes the channels pass through; over the channel axis it is a statistic."""
-    (i, t, lay), = carried
-    rank = _rank(cg, t.name)
-    axes = _ints(node, "axes", 1)
-    if i != 0 or axes is None or lay.outer != 1:
-        return False
-    axes = [a % rank for a in axes] or list(range(rank))
-    keep = node.attrs.get("keepdims", 1)
-    if lay.axis in axes:
-        cg.statistics.add(node.outputs[0].name)
-        return True
-    return _set(cg, node, lay if keep else Layout(lay.axis - sum(a < lay.axis for a in axes), lay.segments))
-
-
 def elementwise_with_statistics(cg: ChannelGraph, node: gs.Node, carried, why) -> bool:
     """Elementwise ops whose other operands are constants or statistics that broadcast over channels."""
     first = carried[0][2]
@@ -158,8 +143,6 @@ def _product(dims) -> int:
 
 HANDLERS.update({
     "LayerNormalization": layer_norm, "Reshape": reshape, "Gather": gather, "Slice": slice_,
-    "ReduceMean": reduce_over_channels, "ReduceSum": reduce_over_channels, "ReduceMax": reduce_over_channels,
-    "ReduceMin": reduce_over_channels, "ReduceL2": reduce_over_channels, "ReduceSumSquare": reduce_over_channels,
 })
 for _op in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"):
     HANDLERS[_op] = elementwise_with_statistics

@@ -312,6 +312,8 @@ def _transpose(cg, node, carried, why) -> bool:
 
 
 def _reduce(cg, node, carried, why) -> bool:
+    """A reduction: over other axes the channels pass through; over the channel axis it is a statistic
+    (channel_ops.py: a permutation of the channels leaves it unchanged)."""
     (i, t, lay), = carried
     rank = _rank(cg, t.name)
     axes = _ints(node, "axes", 1)
@@ -319,7 +321,8 @@ def _reduce(cg, node, carried, why) -> bool:
         return False
     axes = [a % rank for a in axes] or list(range(rank))
     if lay.axis in axes:
-        return False
+        cg.statistics.add(node.outputs[0].name)
+        return True
     keep = node.attrs.get("keepdims", 1)
     return _set(cg, node, lay if keep else Layout(lay.axis - sum(a < lay.axis for a in axes), lay.segments))
 
@@ -412,7 +415,7 @@ HANDLERS = {op: _pass_through for op in PASS_THROUGH}
 HANDLERS.update({op: _elementwise for op in ELEMENTWISE})
 HANDLERS.update({
     "BatchNormalization": _batchnorm, "Flatten": _flatten, "Transpose": _transpose,
-    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceMin": _reduce, "ReduceSum": _reduce,
+    **{op: _reduce for op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceSumSquare")},
     "Pad": _pad, "Resize": _resize, "Upsample": _resize, "Concat": _concat, "Split": _split,
     "Squeeze": _squeeze, "Unsqueeze": _squeeze,
 })

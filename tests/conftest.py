@@ -43,6 +43,20 @@ def load_test_split(name: str) -> dict[str, np.ndarray]:
         return dict(f)
 
 
+def accuracy_drops(name: str, merged, tasks="ab") -> list[float]:
+    """Accuracy points each task loses on case `name`'s test split (labels y<task>): original model vs the
+    merged model's `<task>/<output>` (597 samples for the digit cases: one sample is 0.17 points)."""
+    test = load_test_split(name)
+    got = run(merged, test)
+    drops = []
+    for task in tasks:
+        ref = run(case(name) / f"{task}.onnx", test)
+        output = next(iter(ref))
+        y = test[f"y{task}"]
+        drops.append(100 * (np.mean(ref[output].argmax(1) == y) - np.mean(got[f"{task}/{output}"].argmax(1) == y)))
+    return drops
+
+
 def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """`onnxzip ARGS` as a user runs it (the installed entry point's module)."""
     return subprocess.run([sys.executable, "-m", "onnxzip.cli", *map(str, args)], capture_output=True,

@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 import onnxzip
-from conftest import ROOT, case, load_test_split, run, run_cli
+from conftest import ROOT, accuracy_drops, case, run_cli
 from onnxzip.errors import CancelledError
 
 # .ci/run installs PyTorch, so these run in CI; a checkout without the distill extra skips them
@@ -27,28 +27,12 @@ def models(name: str) -> list[str]:
     return [str(case(name) / f"{t}.onnx") for t in "abc" if (case(name) / f"{t}.onnx").exists()]
 
 
-def test_drops(name: str, merged: onnx.ModelProto, tasks: list[str]) -> list[float]:
-    """Accuracy points lost per task on the test split (597 samples)."""
-    test = load_test_split(name)
-    got = run(merged, test)
-    drops = []
-    for task in tasks:
-        ref = run(case(name) / f"{task}.onnx", test)
-        output = next(iter(ref))
-        y = test[f"y{task}"]
-        drops.append(100 * (np.mean(ref[output].argmax(1) == y) - np.mean(got[f"{task}/{output}"].argmax(1) == y)))
-    return drops
-
-
-test_drops.__test__ = False
-
-
 @needs_torch
 def test_distillation_recovers_the_narrow_mobilenet_pair_at_full_share():
     """Today's closed form loses about 6-7 points per task here; distilled: mean <= 1, each <= 1.5."""
     merged, report = onnxzip.merge(models("mobilenet_legacy"), str(case("mobilenet_legacy") / "calib.npz"),
                                    {"share": 1.0, "distill": True})
-    drops = test_drops("mobilenet_legacy", merged, ["a", "b"])
+    drops = accuracy_drops("mobilenet_legacy", merged, ["a", "b"])
     assert np.mean(drops) <= 1.0 and max(drops) <= 1.5, drops
     section = report["distill"]
     assert section["kept"] == "distilled" and section["steps"] > 0 and section["seconds"] > 0
@@ -63,7 +47,7 @@ def test_distillation_recovers_the_narrow_mobilenet_pair_at_full_share():
 @pytest.mark.parametrize("name", ["resnet_legacy", "three_tasks_legacy"])
 def test_distillation_keeps_every_task_of_the_narrow_resnets_within_a_point(name):
     merged, report = onnxzip.merge(models(name), str(case(name) / "calib.npz"), {"share": 1.0, "distill": True})
-    drops = test_drops(name, merged, report["tasks"])
+    drops = accuracy_drops(name, merged, report["tasks"])
     assert max(drops) <= 1.0, drops
     assert report["distill"]["kept"] == "distilled"
 

@@ -12,7 +12,6 @@ the backends and say whether they answer.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 import os
 import signal
@@ -392,26 +391,7 @@ def test_a_redis_restart_mid_merge_costs_the_job_nothing(tmp_path):
     a queue worker: the merge goes on, its result is written once Redis is back, on attempt 1."""
     from test_scaleout_store import RedisServer
 
-    class PersistentRedis(RedisServer):
-        def start(self):
-            binary = shutil.which("redis-server")
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.log = open(self.folder / "redis.log", "ab")
-            self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                          "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)],
-                                         stdout=self.log, stderr=subprocess.STDOUT)
-            client = self.client()
-
-            def answers():
-                try:
-                    return client.ping()
-                except redis.ConnectionError:
-                    return False
-
-            wait_until(answers, 20, 0.05, "redis-server to answer")
-            return self
-
-    store = PersistentRedis(tmp_path / "redis").start()
+    store = RedisServer(tmp_path / "redis", persistent=True).start()
     settings = {"queue_url": store.url, **FAST, "lease_s": 30}
     api = Server(tmp_path / "data", **settings, workers=0).start()
     worker = QueueWorker(tmp_path, "one", data_dir=tmp_path / "data", **settings).start(store.url)

@@ -35,10 +35,11 @@ INSTALL_HINT = ("redis-server is not installed: the scale-out tests need a real 
 
 
 class RedisServer:
-    """A throwaway redis-server on 127.0.0.1: no persistence, its own folder, a free port."""
+    """A throwaway redis-server on 127.0.0.1: its own folder, a free port; no persistence, or with
+    `persistent` the append-only file of the compose setup (data survives a restart on the same port)."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.port = Path(folder), free_port()
+    def __init__(self, folder: Path, persistent: bool = False):
+        self.folder, self.port, self.persistent = Path(folder), free_port(), persistent
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = None
 
@@ -48,8 +49,9 @@ class RedisServer:
             pytest.fail(INSTALL_HINT, pytrace=False)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = open(self.folder / "redis.log", "ab")
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.folder)],
+                                      *durability, "--dir", str(self.folder)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         client = self.client()
 

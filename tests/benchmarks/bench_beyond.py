@@ -17,60 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import onnxzip  # noqa: E402
-from conftest import case, load_test_split, rel_err, run  # noqa: E402
+from conftest import accuracy_drops, case, load_test_split, rel_err, run  # noqa: E402
+from bench_engine import both_tasks_ms  # noqa: E402
 from permute import permuted_copy  # noqa: E402
 
 ARCHS = ("convnext", "vit", "vitmha", "swin", "bert", "shufflenet", "conv1d", "yolo")
 
 
-def session(model):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
 def latency(d: Path, merged, repeats: int, batch: int = 8) -> tuple[float, float]:
-    sa, sb, sm = session(d / "a.onnx"), session(d / "b.onnx"), session(merged)
-    x = {"input": load_test_split(d.name)["input"][:batch]}
-    for s in (sa, sb, sm):
-        s.run(None, x)
-    sep, mer = [], []
-    for _ in range(repeats):  # interleaved: both see the same machine noise
-        start = time.perf_counter()
-        sa.run(None, x)
-        sb.run(None, x)
-        sep.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        sm.run(None, x)
-        mer.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(sep), 1e3 * statistics.median(mer)
-
-
-def drops(name: str, merged) -> list[float]:
-    test = load_test_split(name)
-    got = run(merged, test)
-    out = []
-    for t in "ab":
-        ref = run(case(name) / f"{t}.onnx", test)["logits"]
-        y = test[f"y{t}"]
-        out.append(100 * (np.mean(ref.argmax(1) == y) - np.mean(got[f"{t}/logits"].argmax(1) == y)))
-    return out
+    return both_tasks_ms([d / "a.onnx", d / "b.onnx"], merged,
+                         {"input": load_test_split(d.name)["input"][:batch]}, repeats)
 
 
 def identical_copy(name: str) -> dict:
@@ -95,7 +63,7 @@ def best_depth(name: str) -> tuple[int, list[float]]:
     _, report = onnxzip.merge(paths, calib, {"zipper": 1})
     for k in range(sum(r["shareable"] for r in report["layers"]), 0, -1):
         merged, _ = onnxzip.merge(paths, calib, {"zipper": k})
-        got = drops(name, merged)
+        got = accuracy_drops(name, merged)
         if np.mean(got) <= 1.0 and max(got) <= 2.0:
             return k, got
     return 0, [0.0, 0.0]
@@ -119,7 +87,7 @@ def main(argv=None):
             merged, _ = onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"),
                                       {"share": 1.0, "distill": True, "distill_steps": args.distill_steps, "seed": 0})
             wall = time.perf_counter() - start
-            da, db = drops(name, merged)
+            da, db = accuracy_drops(name, merged)
             print(f"| {name} | {args.distill_steps} | {da:.2f} / {db:.2f} | {wall:.0f} |", flush=True)
         return
     head = ("| architecture | exporter | identical copy: positions shared | stays per task | rel. error "
@@ -136,7 +104,7 @@ def main(argv=None):
             merged, report = onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"),
                                            {"share": 1.0})
             sep, mer = latency(d, merged, args.repeats)
-            da, db = drops(name, merged)
+            da, db = accuracy_drops(name, merged)
             row = (f"| {arch} | {exporter} | {same['shared']}/{same['positions']} | {same['per_task']} "
                    f"| {same['rel_err']:.1e} | {report['totals']['macs_ratio']:.2f} | {sep:.2f} / {mer:.2f} "
                    f"| {sep / mer:.2f}x | {da:.2f} / {db:.2f} |")

@@ -24,8 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 
 import onnxzip  # noqa: E402
-from conftest import case  # noqa: E402
-from bench_trust import test_drops  # noqa: E402
+from conftest import accuracy_drops, case  # noqa: E402
 
 CASES = ["mobilenet_legacy", "resnet_legacy", "three_tasks_legacy", "cnn_legacy"]
 REPEATS = 3
@@ -66,8 +65,8 @@ def main() -> None:
                                                                                               "distill": True}))
                 distill_times.append((wall, cpu))
             tasks = report["tasks"]
-            before = " / ".join(f"{d:+.2f}" for d in test_drops(name, closed, tasks))
-            after = " / ".join(f"{d:+.2f}" for d in test_drops(name, distilled, tasks))
+            before = " / ".join(f"{d:+.2f}" for d in accuracy_drops(name, closed, tasks))
+            after = " / ".join(f"{d:+.2f}" for d in accuracy_drops(name, distilled, tasks))
             wall = statistics.median(t[0] for t in distill_times) / statistics.median(t[0] for t in plain_times)
             cpu = statistics.median(t[1] for t in distill_times) / statistics.median(t[1] for t in plain_times)
             section = dreport["distill"]

@@ -111,26 +111,32 @@ def bench_merge_time(case: str, repeats: int):
             "ratio_vs_run": merge_s / run_only, "ratio_vs_load_run": merge_s / load_run}
 
 
+def both_tasks_ms(originals, merged, x: dict, repeats: int) -> tuple[float, float]:
+    """Median ms of one batch through the originals one after the other, and through the merged model
+    (one onnxruntime thread each; interleaved, so both see the same machine noise)."""
+    *separate, joined = _sessions([*originals, merged], threads=1)
+    for s in (*separate, joined):
+        s.run(None, x)  # warm up
+    sep, mer = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for s in separate:
+            s.run(None, x)
+        sep.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        joined.run(None, x)
+        mer.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(sep), 1e3 * statistics.median(mer)
+
+
 def bench_latency(case: str, batch: int, repeats: int):
     d = CASES / case
     merged, report = onnxzip.merge([str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"), {"share": 1.0})
-    sa, sb, sm = _sessions([d / "a.onnx", d / "b.onnx", merged], threads=1)
     x = {"input": dict(np.load(d / "test.npz"))["input"][:batch]}
-    for s in (sa, sb, sm):
-        s.run(None, x)  # warm up
-    sep, mer = [], []
-    for _ in range(repeats):  # interleaved, so both see the same machine noise
-        start = time.perf_counter()
-        sa.run(None, x)
-        sb.run(None, x)
-        sep.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        sm.run(None, x)
-        mer.append(time.perf_counter() - start)
+    separate_ms, merged_ms = both_tasks_ms([d / "a.onnx", d / "b.onnx"], merged, x, repeats)
     size_a, size_b = (d / "a.onnx").stat().st_size, (d / "b.onnx").stat().st_size
-    return {"case": case, "batch": batch, "separate_ms": 1e3 * statistics.median(sep),
-            "merged_ms": 1e3 * statistics.median(mer),
-            "speedup": statistics.median(sep) / statistics.median(mer),
+    return {"case": case, "batch": batch, "separate_ms": separate_ms, "merged_ms": merged_ms,
+            "speedup": separate_ms / merged_ms,
             "size_ratio": (size_a + size_b) / merged.ByteSize(), "macs_ratio": report["totals"]["macs_ratio"]}
 
 

@@ -25,23 +25,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import onnxzip  # noqa: E402
-from conftest import case, load_test_split, run  # noqa: E402
+from conftest import accuracy_drops, case  # noqa: E402
 
 DRAWS = 3
 REPEATS = 3
-
-
-def test_drops(name: str, merged, tasks="ab") -> list[float]:
-    """Accuracy points lost per task on the test split (597 samples: one sample is 0.17 points)."""
-    test = load_test_split(name)
-    got = run(merged, test)
-    drops = []
-    for task in tasks:
-        ref = run(case(name) / f"{task}.onnx", test)
-        output = next(iter(ref))
-        y = test[f"y{task}"]
-        drops.append(100 * (np.mean(ref[output].argmax(1) == y) - np.mean(got[f"{task}/{output}"].argmax(1) == y)))
-    return drops
 
 
 def sweep(names, fits, draws: int) -> None:
@@ -61,7 +48,7 @@ def sweep(names, fits, draws: int) -> None:
                 for calibrate in (True, False):
                     merged, report = onnxzip.merge(models, {k: v[pick] for k, v in data.items()},
                                                    {"share": 1.0, "calibrate": calibrate})
-                    drops[calibrate].append(test_drops(name, merged))
+                    drops[calibrate].append(accuracy_drops(name, merged))
                     warned |= any("calibration samples fit" in w for w in report["warnings"])
             ours, mtz = np.mean(drops[True], axis=0), np.mean(drops[False], axis=0)
             label = f"{report['calibration']['fit_samples']}" + ("" if runs > 1 else " (all)")
@@ -90,7 +77,7 @@ def budgets(cases, repeats: int) -> None:
                 search.append((wall, cpu))
             wall = statistics.median(s[0] for s in search) / statistics.median(p[0] for p in plain)
             cpu = statistics.median(s[1] for s in search) / statistics.median(p[1] for p in plain)
-            drops = test_drops(name, merged)
+            drops = accuracy_drops(name, merged)
             t = report["totals"]
             budget = f"max_drop {options['max_drop']:g}" + (f", {options['objective']}" if "objective" in options else "")
             print(f"| {name} | {budget} | {report['calibration']['holdout_samples']} | {report['plan']['chosen']} | "
