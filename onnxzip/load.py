@@ -267,6 +267,23 @@ def read_npz_headers(path: str, *, max_bytes: int,
     return headers
 
 
+def check_npz(path: str, *, max_bytes: int, label: Optional[str] = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """An .npz's checks that need no model (the service's file uploads): the headers as read_npz_headers
+    reads them, then every array decompresses and holds finite numbers. Returns {name: (shape, dtype)}."""
+    label = label or os.path.basename(path)
+    headers = read_npz_headers(path, max_bytes=max_bytes, label=label)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for name in headers:
+                array = npz[name]
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    raise InvalidCalibrationError(f"'{label}': array '{name}' holds NaN or infinite values; "
+                                                  "calibration must be finite")
+    except _ARCHIVE_ERRORS as err:
+        raise _damaged(label, err) from err
+    return {name: (shape, dtype.str) for name, (shape, dtype) in headers.items()}
+
+
 def _damaged(label: str, err: BaseException, member: Optional[str] = None) -> InvalidCalibrationError:
     where = f" (member '{member}')" if member else ""
     why = " ".join(str(err).split())[:200] or type(err).__name__

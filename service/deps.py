@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from .artifacts import ArtifactStore
+from .files import FileStore
 from .settings import Settings
 from .store import JobStore
 from .workers import WorkerPool
@@ -24,6 +25,10 @@ def get_artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
 
 
+def get_files(request: Request) -> FileStore:
+    return request.app.state.files
+
+
 def get_pool(request: Request) -> WorkerPool:
     return request.app.state.pool
 
@@ -31,4 +36,5 @@ def get_pool(request: Request) -> WorkerPool:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
+FilesDep = Annotated[FileStore, Depends(get_files)]
 PoolDep = Annotated[WorkerPool, Depends(get_pool)]

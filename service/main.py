@@ -15,10 +15,11 @@ from fastapi.middleware.cors import CORSMiddleware
 
 import onnxzip
 
-from . import errors
+from . import errors, openapi
 from .artifacts import open_artifacts
 from .auth import LOOPBACK_HOSTS, BearerAuth, HostAndOrigin
-from .routers import health, merges
+from .files import FileStore
+from .routers import files, health, merges
 from .settings import Settings, load_settings
 from .store import open_store
 from .uploads import BodyLimit
@@ -41,11 +42,16 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         yield
         await to_thread.run_sync(pool.stop)
 
-    app = FastAPI(title="onnxzip", version=onnxzip.__version__, description=DESCRIPTION, lifespan=lifespan)
+    # operationIds are the handlers' names (create_merge, get_artifact, ...): what generated clients call
+    app = FastAPI(title="onnxzip", version=onnxzip.__version__, description=DESCRIPTION, lifespan=lifespan,
+                  generate_unique_id_function=lambda route: route.name)
     app.state.settings, app.state.store, app.state.artifacts, app.state.pool = settings, store, artifacts, pool
+    app.state.files = FileStore(settings.data_dir)
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(files.router)
     app.include_router(merges.router)
+    openapi.install(app, token_required=settings.api_token is not None)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     if settings.api_token is not None:
         app.add_middleware(BearerAuth, token=settings.api_token.get_secret_value())  # before the body

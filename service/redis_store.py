@@ -36,7 +36,8 @@ from .store import (CANCEL, CANCELLED, CANCELLED_ERROR, FAILED, HELD, LOST, QUEU
 _JOB_FIELDS = {f.name for f in fields(Job)}
 _INTS = {"seq", "attempts", "max_attempts", "worker_pid"}
 _FLOATS = {"progress", "created_at", "started_at", "finished_at", "lease_expires", "cancel_requested_at"}
-_JSON = {"options", "inputs", "artifacts", "result"}
+_JSON = {"options", "inputs", "artifacts", "result", "metadata"}
+METADATA_SCAN = 10_000  # jobs read for one page of a metadata-filtered list (Redis keeps no index on it)
 
 
 class Dispatcher(Protocol):
@@ -128,7 +129,8 @@ class RedisJobStore:
 
         def write(pipe, dispatch):
             self._run("create", job.id, key or "", job.payload_hash or "", job.max_attempts,
-                      json.dumps(job.options), json.dumps(job.inputs), dispatch, client=pipe)
+                      json.dumps(job.options), json.dumps(job.inputs), dispatch, json.dumps(job.metadata),
+                      client=pipe)
 
         existing, result = self._dispatching(job.id, watch, decide, write)
         if existing is not None:
@@ -143,10 +145,24 @@ class RedisJobStore:
         job_id = self.redis.get(self._key("key", key))
         return self.get(_text(job_id)) if job_id is not None else None
 
-    def page(self, limit: int, before_seq: Optional[int], status: Optional[str]) -> list[Job]:
+    def page(self, limit: int, before_seq: Optional[int], status: Optional[str],
+             metadata: Optional[dict[str, str]] = None) -> list[Job]:
         index = self._key("status", status) if status is not None else self._key("jobs")
         top = f"({before_seq}" if before_seq is not None else "+inf"
-        return self._jobs(self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit))
+        if not metadata:
+            return self._jobs(self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit))
+        # Redis has no index on metadata: read the index newest first in chunks, keeping the jobs that match,
+        # up to METADATA_SCAN jobs a page (the next page goes on from the last job returned)
+        found, scanned = [], 0
+        while len(found) < limit and scanned < METADATA_SCAN:
+            chunk = self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=200, withscores=True)
+            if not chunk:
+                break
+            scanned += len(chunk)
+            found += [j for j in self._jobs([job_id for job_id, _ in chunk])
+                      if all(j.metadata.get(k) == v for k, v in metadata.items())]
+            top = f"({int(chunk[-1][1])}"
+        return found[:limit]
 
     def request_cancel(self, job_id: str) -> Optional[Job]:
         result = self._run("cancel", job_id, *CANCELLED_ERROR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from typing import Literal, Optional, Union
 
@@ -143,6 +144,10 @@ class JobPublic(BaseModel):
                                                             "once it has finished (also when its gate failed).")
     artifacts: list[ArtifactPublic] = Field(description="merged.onnx, report.json and report.html once the job has "
                                                         "succeeded; only the reports when its fidelity gate failed.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="The tags the job was submitted with.")
+    eta_s: Optional[float] = Field(None, description="Seconds until a running job finishes, estimated from the "
+                                                     "rate of its progress so far; null while queued, in the first "
+                                                     "seconds of a run, and once finished.")
 
     @classmethod
     def of(cls, job: Job) -> "JobPublic":
@@ -156,7 +161,22 @@ class JobPublic(BaseModel):
             error=ErrorDetail(code=job.error_code, message=job.error_message or "") if job.error_code else None,
             result=MergeResult(**job.result) if job.result else None,
             artifacts=[ArtifactPublic(**a, media_type=MEDIA_TYPES[a["name"]],
-                                      url=f"/v1/merges/{job.id}/artifacts/{a['name']}") for a in job.artifacts])
+                                      url=f"/v1/merges/{job.id}/artifacts/{a['name']}") for a in job.artifacts],
+            metadata=job.metadata, eta_s=eta_seconds(job))
+
+
+ETA_MIN_PROGRESS, ETA_MIN_ELAPSED_S = 0.05, 2.0
+
+
+def eta_seconds(job: Job, now: Optional[float] = None) -> Optional[float]:
+    """Time left at the rate the job has progressed since its attempt started; None until the rate says
+    something (a twentieth done and two seconds run)."""
+    if job.status != "running" or job.started_at is None:
+        return None
+    elapsed = (now or time.time()) - job.started_at
+    if job.progress < ETA_MIN_PROGRESS or elapsed < ETA_MIN_ELAPSED_S:
+        return None
+    return round(elapsed * (1.0 - job.progress) / job.progress, 1)
 
 
 class JobList(BaseModel):
@@ -187,6 +207,76 @@ class EventPublic(BaseModel):
     def of(cls, event: Event) -> "EventPublic":
         return cls(id=event.id, at=_time(event.at), type=event.type, status=event.status, stage=event.stage,
                    progress=round(event.progress, 4), message=event.message)
+
+
+class DeleteResult(BaseModel):
+    """The answer to deleting a running job (a finished or queued one answers 204 with no body)."""
+
+    id: str
+    deleted: bool
+    cancelled_run: bool = Field(description="True: the job was running and its merge was cancelled first.")
+    message: str
+
+
+class FilePublic(BaseModel):
+    """An input uploaded once with POST /v1/files and named by id in merges (model_ids, calibration_id)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "9d4e1f0c" + "0" * 56, "purpose": "model", "name": "a.onnx", "size": 203139,
+        "sha256": "9d4e1f0c" + "0" * 56, "created_at": "2026-01-05T10:00:00Z"}]})
+
+    id: str = Field(description="The sha256 of the bytes: the same file uploaded twice is stored once.")
+    purpose: Literal["model", "calibration"]
+    name: str = Field(description="The file name of the first upload (metadata only).")
+    size: int
+    sha256: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, stored) -> "FilePublic":
+        return cls(id=stored.id, purpose=stored.purpose, name=stored.name, size=stored.size, sha256=stored.sha256,
+                   created_at=_time(stored.created_at))
+
+
+class FileList(BaseModel):
+    items: list[FilePublic]
+
+
+class LayerReport(BaseModel):
+    """One aligned layer of the merge (report.json `layers`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    position: int
+    names: dict[str, str] = Field(description="The layer's node name in each task's model.")
+    kind: str
+    op: str
+    widths: dict[str, int]
+    shared: int = Field(description="Neurons computed once for all tasks.")
+    not_shared_because: Optional[str] = None
+
+
+class Report(BaseModel):
+    """report.json: everything a merge measured. Sections not listed here are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    onnxzip: str = Field(description="The version that merged.")
+    tasks: list[str]
+    models: dict[str, dict] = Field(description="Per task: opset, IR version, layer count, outputs.")
+    options: dict = Field(description="Every merge option as used (MergeOptions, defaults filled in).")
+    alignment: dict
+    calibration: dict = Field(description="Fit and held-out sample counts, the widest layer's rows and unknowns.")
+    layers: list[LayerReport]
+    totals: dict = Field(description="Parameters, multiply-adds and bytes before and after, and their ratios.")
+    fidelity: dict[str, dict] = Field(description="Per task: agreement and relative error on held-out samples, "
+                                                  "with one-sided bounds.")
+    evaluation: Optional[dict[str, dict]] = Field(None, description="The same on a labelled evaluation set, if given.")
+    tensorrt: dict = Field(description="Whether TensorRT 8.5 / 8.6 / 10 can read the merged model.")
+    warnings: list[str]
+    seconds: float
+    plan: Optional[dict] = Field(None, description="The plans a budget searched and the one chosen.")
+    distill: Optional[dict] = Field(None, description="Distillation: steps, losses, and which weights were kept.")
 
 
 class Health(BaseModel):

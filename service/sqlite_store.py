@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     inputs TEXT NOT NULL,
     artifacts TEXT NOT NULL DEFAULT '[]',
     result TEXT NOT NULL DEFAULT '{}',
+    metadata TEXT NOT NULL DEFAULT '{}',
     error_code TEXT,
     error_message TEXT,
     worker_pid INTEGER,
@@ -62,7 +63,7 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_JSON = ("options", "inputs", "artifacts", "result")
+_JSON = ("options", "inputs", "artifacts", "result", "metadata")
 _CANCELLED_ERROR = CANCELLED_ERROR
 
 
@@ -81,6 +82,8 @@ class SqliteJobStore:
         columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
         if "result" not in columns:  # a data dir from before job results: add the column, keep the jobs
             self._add_column(conn, "ALTER TABLE jobs ADD COLUMN result TEXT NOT NULL DEFAULT '{}'")
+        if "metadata" not in columns:  # ... and from before job metadata
+            self._add_column(conn, "ALTER TABLE jobs ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'")
         if "n" not in {row["name"] for row in conn.execute("PRAGMA table_info(events)")}:
             # event ids count within their job (1, 2, ...), as a client resuming a stream expects
             self._add_column(conn, "ALTER TABLE events ADD COLUMN n INTEGER")
@@ -162,9 +165,10 @@ class SqliteJobStore:
                     return self._job(row), False
             c.execute(
                 "INSERT INTO jobs (id, status, stage, message, created_at, max_attempts, options, inputs, "
-                "idempotency_key, payload_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "idempotency_key, payload_hash, metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (job.id, QUEUED, "queued", "waiting for a worker", time.time(), job.max_attempts,
-                 json.dumps(job.options), json.dumps(job.inputs), job.idempotency_key, job.payload_hash))
+                 json.dumps(job.options), json.dumps(job.inputs), job.idempotency_key, job.payload_hash,
+                 json.dumps(job.metadata)))
             self._event(c, job.id, "status", QUEUED, "queued", 0.0, "waiting for a worker")
         return self.get(job.id), True
 
@@ -176,11 +180,15 @@ class SqliteJobStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE idempotency_key=?", (key,)).fetchone()
         return self._job(row) if row is not None else None
 
-    def page(self, limit: int, before_seq: Optional[int], status: Optional[str]) -> list[Job]:
+    def page(self, limit: int, before_seq: Optional[int], status: Optional[str],
+             metadata: Optional[dict[str, str]] = None) -> list[Job]:
         sql, args = "SELECT * FROM jobs WHERE seq < ?", [before_seq if before_seq is not None else 2**62]
         if status is not None:
             sql += " AND status = ?"
             args.append(status)
+        for key, value in (metadata or {}).items():  # keys are [A-Za-z0-9_.-] (uploads.METADATA_KEY)
+            sql += " AND json_extract(metadata, ?) = ?"
+            args += [f'$."{key}"', value]
         rows = self._conn().execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
         return [self._job(r) for r in rows]
 

@@ -74,6 +74,7 @@ class Job:
     cancel_requested_at: Optional[float] = None
     idempotency_key: Optional[str] = None
     payload_hash: Optional[str] = None
+    metadata: dict = field(default_factory=dict)  # the client's tags {str: str}, filterable in the list
 
     @property
     def finished(self) -> bool:
@@ -102,7 +103,8 @@ class JobStore(Protocol):
         """Insert a queued job; with an idempotency key already used, return (that job, False)."""
     def get(self, job_id: str) -> Optional[Job]: ...
     def find_by_key(self, key: str) -> Optional[Job]: ...
-    def page(self, limit: int, before_seq: Optional[int], status: Optional[str]) -> list[Job]:
+    def page(self, limit: int, before_seq: Optional[int], status: Optional[str],
+             metadata: Optional[dict[str, str]] = None) -> list[Job]:
         """Newest first, `limit` jobs with seq < before_seq."""
     def request_cancel(self, job_id: str) -> Optional[Job]:
         """A queued job is cancelled at once; a running one gets its cancel flag set."""

@@ -121,32 +121,78 @@ def client_name(filename: Optional[str], default: str) -> str:
     return name[:200] or default
 
 
-def save_inputs(models: list, calibration, staging: Path, settings: Settings) -> list[StoredInput]:
-    """Copy the uploads into `staging` under server-chosen names, hashing and size-checking each."""
-    files = [("model", f"model-{i}.onnx", upload, settings.max_model_bytes, "ONNXZIP_MAX_MODEL_BYTES")
-             for i, upload in enumerate(models)]
-    files.append(("calibration", "calibration.npz", calibration, settings.max_calibration_bytes,
-                  "ONNXZIP_MAX_CALIBRATION_BYTES"))
-    stored = []
-    for role, server_name, upload, limit, env in files:
-        name = client_name(upload.filename, server_name)
-        upload.file.seek(0)
-        try:
-            size, digest = copy_hashed(upload.file, staging / server_name, limit)
-        except OverflowError as err:
-            raise ApiError(413, "too_large",
-                           f"{role} '{name}' is larger than this service's limit of {limit} bytes ({env}); "
-                           + ("send a smaller model" if role == "model" else "send fewer samples")) from err
-        stored.append(StoredInput(role, name, server_name, size, digest))
-    return stored
+def gather_inputs(models: Optional[list], model_ids: Optional[list[str]], calibration, calibration_id: Optional[str],
+                  staging: Path, settings: Settings, files) -> list[StoredInput]:
+    """A job's inputs in `staging` under server-chosen names (model-0.onnx, ..., calibration.npz): each
+    uploaded file copied there (hashed, size-checked), each file named by id linked there from `files`."""
+    inputs = [_stage_file(files, "model", f"model-{i}.onnx", file_id, f"model_ids[{i}]", staging)
+              for i, file_id in enumerate(model_ids)] if model_ids else [
+        _save_upload(upload, "model", f"model-{i}.onnx", staging, settings.max_model_bytes, "ONNXZIP_MAX_MODEL_BYTES")
+        for i, upload in enumerate(models)]
+    inputs.append(_stage_file(files, "calibration", "calibration.npz", calibration_id, "calibration_id", staging)
+                  if calibration_id else
+                  _save_upload(calibration, "calibration", "calibration.npz", staging, settings.max_calibration_bytes,
+                               "ONNXZIP_MAX_CALIBRATION_BYTES"))
+    return inputs
 
 
-def payload_hash(inputs: list[StoredInput], options: MergeOptions) -> str:
-    """Identity of a submission for Idempotency-Key: every file's bytes, in order, and the options."""
+def _save_upload(upload, role: str, server_name: str, staging: Path, limit: int, env: str) -> StoredInput:
+    name = client_name(upload.filename, server_name)
+    upload.file.seek(0)
+    try:
+        size, digest = copy_hashed(upload.file, staging / server_name, limit)
+    except OverflowError as err:
+        raise too_large(role, name, limit, env) from err
+    return StoredInput(role, name, server_name, size, digest)
+
+
+def _stage_file(files, role: str, server_name: str, file_id: str, field: str, staging: Path) -> StoredInput:
+    found = files.require(file_id, role, field)
+    files.copy_to(file_id, staging / server_name)
+    return StoredInput(role, found.name, server_name, found.size, found.sha256)
+
+
+def too_large(role: str, name: str, limit: int, env: str) -> ApiError:
+    return ApiError(413, "too_large", f"{role} '{name}' is larger than this service's limit of {limit} bytes "
+                                      f"({env}); " + ("send a smaller model" if role == "model" else
+                                                      "send fewer samples"))
+
+
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % MAX_METADATA_KEY)  # also safe inside a SQLite JSON path
+
+
+def parse_metadata_field(text: Optional[str]) -> dict[str, str]:
+    """The `metadata` form field: a flat JSON object of short strings, to tag and filter jobs."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise InvalidOptionsError('metadata is not a flat JSON object: send e.g. {"experiment": "sweep-3"}') from err
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise InvalidOptionsError('metadata must be a JSON object of strings, e.g. {"experiment": "sweep-3", '
+                                  '"share": "0.5"}')
+    if len(data) > MAX_METADATA_KEYS:
+        raise InvalidOptionsError(f"metadata has {len(data)} keys; at most {MAX_METADATA_KEYS}")
+    for key, value in data.items():
+        if not METADATA_KEY.match(key):
+            raise InvalidOptionsError(f"metadata key '{key[:80]}': 1 to {MAX_METADATA_KEY} letters, digits, "
+                                      "'_', '.' or '-'")
+        if len(value) > MAX_METADATA_VALUE:
+            raise InvalidOptionsError(f"metadata '{key}': values are at most {MAX_METADATA_VALUE} characters")
+    return data
+
+
+def payload_hash(inputs: list[StoredInput], options: MergeOptions, metadata: dict[str, str]) -> str:
+    """Identity of a submission for Idempotency-Key: every file's bytes, in order, the options and metadata
+    (a file sent by id and the same file uploaded are the same submission)."""
     digest = hashlib.sha256()
     for item in inputs:
         digest.update(f"{item.role}:{item.sha256}\n".encode())
     digest.update(json.dumps(options.model_dump(mode="json"), sort_keys=True).encode())
+    if metadata:  # absent from the hash when empty: keys issued before metadata existed still match
+        digest.update(json.dumps(metadata, sort_keys=True).encode())
     return digest.hexdigest()
 
 

@@ -128,6 +128,26 @@ def test_pages_are_newest_first_and_never_repeat(store):
     assert seen == ids[::-1]
 
 
+def test_pages_filtered_by_metadata_hold_only_matching_jobs_and_page_on(store):
+    """Every tag asked must match; paging with the last seq goes on past jobs that do not match."""
+    tagged = []
+    for i in range(9):
+        job = Job(id=uuid.uuid4().hex, status=QUEUED, created_at=time.time(), options={}, inputs=[], max_attempts=3,
+                  metadata={"sweep": "s1" if i % 3 else "s2", "share": str(i)})
+        store.create(job)
+        if i % 3:
+            tagged.append(job.id)
+    seen, before = [], None
+    while page := store.page(2, before, None, {"sweep": "s1"}):
+        seen += [j.id for j in page]
+        before = page[-1].seq
+    assert seen == tagged[::-1]
+    assert [j.metadata for j in store.page(10, None, None, {"sweep": "s1", "share": "4"})] == [{"sweep": "s1",
+                                                                                                "share": "4"}]
+    assert store.page(10, None, None, {"sweep": "s3"}) == []
+    assert store.page(10, None, QUEUED, {"sweep": "s2"})[0].metadata["sweep"] == "s2"
+
+
 def test_a_data_dir_from_before_job_results_keeps_its_jobs_and_gains_results(tmp_path):
     """The jobs table of an earlier release has no `result` column: opening it adds the column (twice
     over, as the API and its workers all open the store) and its finished jobs read as before."""
@@ -135,8 +155,9 @@ def test_a_data_dir_from_before_job_results_keeps_its_jobs_and_gains_results(tmp
 
     from service import sqlite_store
 
-    old_schema = sqlite_store.SCHEMA.replace("    result TEXT NOT NULL DEFAULT '{}',\n", "")
-    assert "result" not in old_schema
+    old_schema = (sqlite_store.SCHEMA.replace("    result TEXT NOT NULL DEFAULT '{}',\n", "")
+                  .replace("    metadata TEXT NOT NULL DEFAULT '{}',\n", ""))
+    assert "result" not in old_schema and "metadata" not in old_schema
     path = tmp_path / "jobs.db"
     conn = sqlite3.connect(path)
     conn.executescript(old_schema)
@@ -145,7 +166,7 @@ def test_a_data_dir_from_before_job_results_keeps_its_jobs_and_gains_results(tmp
     conn.commit()
     conn.close()
     first, second = SqliteJobStore(path), SqliteJobStore(path)
-    assert first.get("old").status == SUCCEEDED and first.get("old").result == {}
+    assert first.get("old").status == SUCCEEDED and first.get("old").result == {} and first.get("old").metadata == {}
     job = new_job(second)
     claimed = second.claim(pid=1, host="h", lease_s=60)
     assert second.finish(job.id, claimed.lease_token, SUCCEEDED, result={"warnings": ["w"]})

@@ -18,27 +18,21 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from onnxzip.errors import InvalidOptionsError
 
 from ..artifacts import MEDIA_TYPES
-from ..deps import ArtifactsDep, SettingsDep, StoreDep
+from ..deps import ArtifactsDep, FilesDep, SettingsDep, StoreDep
 from ..errors import ApiError, not_found
-from ..schemas import ErrorBody, EventPublic, JobList, JobPublic, JobStatus
+from ..schemas import DeleteResult, EventPublic, JobList, JobPublic, JobStatus, Report
 from ..store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
-from ..uploads import check_inputs, parse_options_field, payload_hash, save_inputs
+from ..uploads import (MAX_METADATA_KEYS, METADATA_KEY, check_inputs, gather_inputs, parse_metadata_field,
+                       parse_options_field, payload_hash)
+from .common import error_responses, require_multipart
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
+SSE_FORMAT = ("Server-sent events: a `retry: 1000` line, then one block per event, `id: <event id>`, "
+              "`event: <type>` and `data: <the EventPublic as JSON>`, with `: keep-alive` comments while the job is "
+              "quiet; the stream ends after the event that finishes the job.")
 SSE_POLL_S = 0.25
 SSE_KEEPALIVE_S = 15.0
-
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422)}
-
-
-def _require_multipart(request: Request) -> None:
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type",
-                       f"send multipart/form-data (got '{content_type or 'no content type'}'): fields models "
-                       "(two or more .onnx files), calibration (one .npz) and options (optional JSON), as "
-                       "curl -F models=@a.onnx -F models=@b.onnx -F calibration=@calib.npz does")
 
 
 def _job_or_404(store, job_id: str) -> Job:
@@ -56,30 +50,46 @@ def _accepted(response: Response, job: Job, replayed: bool = False) -> JobPublic
     return JobPublic.of(job)
 
 
-@router.post("", status_code=202, response_model=JobPublic, responses=_ERRORS,
-             dependencies=[Depends(_require_multipart)], summary="Submit a merge job",
-             description="Multipart fields: `models` (two or more .onnx files, in task order), `calibration` "
-                         "(one .npz, one array per model input keyed by input name), `options` (optional JSON "
-                         "object with the CLI's settings, validated as MergeOptions). The inputs are checked "
-                         "before the job is queued; answers 202 with the job and its Location. With an "
-                         "Idempotency-Key, the same key and payload return the same job.")
+@router.post("", status_code=202, response_model=JobPublic,
+             responses={**error_responses(409, 413, 415, 422, 507), 202: {
+                 "description": "Accepted: the job is queued (or, with an Idempotency-Key used before for the same "
+                                "request, the job that key made).",
+                 "headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string"}},
+                             "Idempotent-Replayed": {"description": "'true' when the job is one an earlier request "
+                                                                    "with this Idempotency-Key made.",
+                                                     "schema": {"type": "string"}}}}},
+             dependencies=[Depends(require_multipart)], summary="Submit a merge job",
+             description="Multipart fields: the models, either uploaded (`models`, two or more .onnx files, in task "
+                         "order) or named by file id (`model_ids`, from POST /v1/files); the calibration, uploaded "
+                         "(`calibration`, one .npz) or named (`calibration_id`); `options` (optional JSON, "
+                         "MergeOptions) and `metadata` (optional JSON object of strings, to tag and filter jobs). "
+                         "The inputs are checked before the job is queued; answers 202 with the job and its "
+                         "Location. With an Idempotency-Key, the same key and payload return the same job.")
 def create_merge(
-    response: Response, store: StoreDep, settings: SettingsDep, artifacts: ArtifactsDep,
-    models: Annotated[list[UploadFile], File(description="Two or more .onnx files, in task order.")],
-    calibration: Annotated[UploadFile, File(description="One .npz: an array per model input, samples on axis 0.")],
-    options: Annotated[Optional[str], Form(description='JSON, e.g. {"share": 1.0, "tasks": ["a", "b"]}',
-                                           examples=['{"share": 1.0, "tasks": ["digit", "mod4"]}'])] = None,
+    response: Response, store: StoreDep, settings: SettingsDep, artifacts: ArtifactsDep, files: FilesDep,
+    models: Annotated[Optional[list[UploadFile]], File(description="Two or more .onnx files, in task order "
+                                                                   "(or give model_ids).")] = None,
+    calibration: Annotated[Optional[UploadFile], File(description="One .npz: an array per model input, samples "
+                                                                  "on axis 0 (or give calibration_id).")] = None,
+    model_ids: Annotated[Optional[list[str]], Form(description="Ids of models uploaded with POST /v1/files, in "
+                                                               "task order (instead of models).")] = None,
+    calibration_id: Annotated[Optional[str], Form(description="Id of a calibration uploaded with POST /v1/files "
+                                                              "(instead of calibration).")] = None,
+    options: Annotated[Optional[str], Form(description='Merge options (MergeOptions), e.g. {"share": 1.0, '
+                                                       '"tasks": ["a", "b"]}')] = None,
+    metadata: Annotated[Optional[str], Form(description='Tags for the job, e.g. {"experiment": "sweep-3"}: at most '
+                                                        '16 keys of letters, digits, _ . -; string values of at most '
+                                                        '512 characters. Filter the list with ?metadata=key:value.')] = None,
     idempotency_key: Annotated[Optional[str], Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JobPublic:
     merge_options = parse_options_field(options)
-    if len(models) < 2:
-        raise InvalidOptionsError(f"give at least two models to merge, got {len(models)}: repeat the field, "
-                                  "-F models=@a.onnx -F models=@b.onnx")
-    merge_options.task_names(len(models))
+    tags = parse_metadata_field(metadata)
+    model_count = _check_sources(models, model_ids, calibration, calibration_id)
+    merge_options.task_names(model_count)
     staging = artifacts.new_staging()
     try:
-        inputs = save_inputs(models, calibration, staging, settings)
-        digest = payload_hash(inputs, merge_options)
+        inputs = gather_inputs(models, model_ids, calibration, calibration_id, staging, settings, files)
+        digest = payload_hash(inputs, merge_options, tags)
         if idempotency_key is not None and (earlier := store.find_by_key(idempotency_key)) is not None:
             return _replay(response, earlier, digest, idempotency_key)
         check_inputs(inputs, staging, settings)
@@ -88,13 +98,36 @@ def create_merge(
         job, created = store.create(Job(
             id=job_id, status=QUEUED, created_at=time.time(), options=merge_options.model_dump(mode="json"),
             inputs=[i.public() for i in inputs], max_attempts=settings.max_attempts,
-            idempotency_key=idempotency_key, payload_hash=digest))
+            idempotency_key=idempotency_key, payload_hash=digest, metadata=tags))
         if not created:  # a concurrent request with the same key won the race
             artifacts.remove(job_id)
             return _replay(response, job, digest, idempotency_key)
         return _accepted(response, job)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_sources(models, model_ids, calibration, calibration_id) -> int:
+    """Models come uploaded or by id (not both), and so does the calibration; returns the model count."""
+    if models and model_ids:
+        raise InvalidOptionsError("give the models either as files (models) or as file ids (model_ids), not both: "
+                                  "the task order would be ambiguous")
+    if not models and not model_ids:
+        raise ApiError(422, "invalid_request", "field 'models' is missing: send two or more .onnx files as "
+                                               "-F models=@a.onnx -F models=@b.onnx, or their ids from POST "
+                                               "/v1/files as -F model_ids=ID")
+    count = len(models or model_ids)
+    if count < 2:
+        raise InvalidOptionsError(f"give at least two models to merge, got {count}: repeat the field, "
+                                  "-F models=@a.onnx -F models=@b.onnx (or -F model_ids=ID twice)")
+    if calibration is not None and calibration_id:
+        raise InvalidOptionsError("give the calibration either as a file (calibration) or as a file id "
+                                  "(calibration_id), not both")
+    if calibration is None and not calibration_id:
+        raise ApiError(422, "invalid_request", "field 'calibration' is missing: send one .npz as "
+                                               "-F calibration=@calib.npz, or its id from POST /v1/files as "
+                                               "-F calibration_id=ID")
+    return count
 
 
 def _replay(response: Response, earlier: Job, digest: str, key: str) -> JobPublic:
@@ -121,10 +154,13 @@ def _decode_cursor(cursor: Optional[str]) -> Optional[int]:
                                                "the previous page unchanged") from err
 
 
-@router.get("", response_model=JobList, responses=_ERRORS, summary="List jobs, newest first")
+@router.get("", response_model=JobList, responses=error_responses(422), summary="List jobs, newest first")
 def list_merges(store: StoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                cursor: Optional[str] = None, status: Optional[JobStatus] = None) -> JobList:
-    jobs = store.page(limit + 1, _decode_cursor(cursor), status)
+                cursor: Optional[str] = None, status: Optional[JobStatus] = None,
+                metadata: Annotated[Optional[list[str]], Query(
+                    description="key:value; repeat it to require several tags (all must match).",
+                    max_length=MAX_METADATA_KEYS)] = None) -> JobList:
+    jobs = store.page(limit + 1, _decode_cursor(cursor), status, _metadata_filter(metadata))
     more = len(jobs) > limit
     jobs = jobs[:limit]
     next_cursor = (base64.urlsafe_b64encode(str(jobs[-1].seq).encode()).decode().rstrip("=")
@@ -132,12 +168,25 @@ def list_merges(store: StoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
     return JobList(items=[JobPublic.of(j) for j in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="A job's state")
+def _metadata_filter(pairs: Optional[list[str]]) -> Optional[dict[str, str]]:
+    wanted = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition(":")
+        if not sep or not METADATA_KEY.match(key):
+            raise ApiError(422, "invalid_request", f"metadata filter '{pair[:80]}' is not key:value with a key of "
+                                                   "letters, digits, _ . - (e.g. ?metadata=experiment:sweep-3)")
+        wanted[key] = value
+    return wanted or None
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(404), summary="A job's state")
 def get_merge(job_id: str, store: StoreDep) -> JobPublic:
     return JobPublic.of(_job_or_404(store, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses=_ERRORS, summary="Cancel a job",
+@router.post("/{job_id}/cancel", response_model=JobPublic, summary="Cancel a job",
+             responses={**error_responses(404, 409), 202: {"model": JobPublic, "description": "The job was running: it "
+                                                   "stops within the grace period; poll it."}},
              description="A queued job is cancelled at once (200). A running one stops at the next stage "
                          "boundary, or its worker is ended after the grace period (202; poll the job).")
 def cancel_merge(job_id: str, store: StoreDep, response: Response) -> JobPublic:
@@ -151,8 +200,9 @@ def cancel_merge(job_id: str, store: StoreDep, response: Response) -> JobPublic:
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a job and its files",
-               responses={**_ERRORS, 200: {"description": "The job was running: its merge was cancelled first "
-                                                          "(the body says so), then the job was deleted"}},
+               responses={**error_responses(404), 200: {"model": DeleteResult, "description": "The job was running: its "
+                                                "merge was cancelled first (the body says so), then it was deleted."},
+                          204: {"description": "Deleted (the job was queued or finished)."}},
                description="A queued or finished job: 204. A running job is cancelled first (it loses its lease "
                            "at once; its worker stops within the grace period), then deleted: 200 with a "
                            "message saying so.")
@@ -169,7 +219,9 @@ def delete_merge(job_id: str, store: StoreDep, artifacts: ArtifactsDep, settings
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/events", response_model=list[EventPublic], responses=_ERRORS,
+@router.get("/{job_id}/events", response_model=list[EventPublic],
+            responses={**error_responses(404, 422), 200: {"description": "The events after `after`, oldest first.", "content": {
+                "text/event-stream": {"schema": {"type": "string", "description": SSE_FORMAT}}}}},
             summary="A job's events (JSON, or server-sent events)",
             description="JSON list of events after `after`. With `Accept: text/event-stream`, server-sent "
                         "events that resume after `Last-Event-ID` and end once the job has finished.")
@@ -210,11 +262,29 @@ async def _event_stream(request: Request, store, job_id: str, after: int):
         await asyncio.sleep(SSE_POLL_S)
 
 
-@router.api_route("/{job_id}/artifacts/{name}", methods=["GET", "HEAD"], responses={**_ERRORS, 200: {"content": {
-    "application/octet-stream": {}, "application/json": {}, "text/html": {}}}, 304: {"description": "Not modified"}},
-    response_class=FileResponse, summary="Download merged.onnx, report.json or report.html",
-    description="ETag is the file's sha256; If-None-Match with it answers 304; HEAD gives the headers only. The "
-                "body streams from disk or from the S3 bucket, never whole in memory.")
+_ARTIFACT_HEADERS = {
+    "ETag": {"description": "The artifact's sha256, quoted; send it as If-None-Match to get 304.",
+             "schema": {"type": "string"}},
+    "Content-Length": {"schema": {"type": "integer"}},
+    "Accept-Ranges": {"description": "'bytes' where the artifact is on local disk: Range requests answer 206.",
+                      "schema": {"type": "string"}},
+}
+_ARTIFACT_RESPONSES = {
+    **error_responses(404, 409),
+    200: {"description": "The artifact: merged.onnx (binary), report.json (Report) or report.html.",
+          "model": Report, "headers": _ARTIFACT_HEADERS,
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                      "text/html": {"schema": {"type": "string"}}}},
+    206: {"description": "The requested byte range (local artifact store).",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    304: {"description": "Not modified: If-None-Match names the current ETag.", "headers": {"ETag": _ARTIFACT_HEADERS["ETag"]}},
+}
+_ARTIFACT_DESCRIPTION = ("ETag is the file's sha256; If-None-Match with it answers 304. The body streams from disk "
+                         "(Range requests answer 206) or from the S3 bucket, never whole in memory.")
+
+
+@router.get("/{job_id}/artifacts/{name}", responses=_ARTIFACT_RESPONSES, response_class=FileResponse,
+            summary="Download merged.onnx, report.json or report.html", description=_ARTIFACT_DESCRIPTION)
 def get_artifact(job_id: str, name: str, request: Request, store: StoreDep, artifacts: ArtifactsDep,
                  if_none_match: Annotated[Optional[str], Header(alias="If-None-Match")] = None):
     job = _job_or_404(store, job_id)
@@ -249,6 +319,14 @@ def get_artifact(job_id: str, name: str, request: Request, store: StoreDep, arti
     except FileNotFoundError as err:  # expired or deleted between the record and the object
         raise not_found(job_id) from err
     return StreamingResponse(body, media_type=MEDIA_TYPES[name], headers=headers)
+
+
+@router.head("/{job_id}/artifacts/{name}", responses={**_ARTIFACT_RESPONSES, 200: {
+    "description": "The artifact's headers (size, ETag), no body.", "headers": _ARTIFACT_HEADERS}},
+              response_class=Response, summary="An artifact's headers only (size and ETag)")
+def head_artifact(job_id: str, name: str, request: Request, store: StoreDep, artifacts: ArtifactsDep,
+                  if_none_match: Annotated[Optional[str], Header(alias="If-None-Match")] = None):
+    return get_artifact(job_id, name, request, store, artifacts, if_none_match)
 
 
 def _etag_matches(header: str, sha256: str) -> bool:
