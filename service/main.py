@@ -20,9 +20,11 @@ from .artifacts import open_artifacts
 from .auth import LOOPBACK_HOSTS, BearerAuth, HostAndOrigin
 from .files import FileStore
 from .routers import files, health, merges
+from .schemas import JobPublic
 from .settings import Settings, load_settings
 from .store import open_store
 from .uploads import BodyLimit
+from .webhooks import WebhookSender
 from .workers import WorkerPool
 
 DESCRIPTION = ("Merge two trained ONNX models into one multi-output model, as asynchronous jobs: submit, poll "
@@ -35,11 +37,17 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     store = open_store(settings)
     artifacts = open_artifacts(settings)
     pool = WorkerPool(settings, store, artifacts)
+    sender = (WebhookSender(store, settings.webhook_secret.get_secret_value(), settings.webhook_attempts,
+                            settings.webhook_backoff_s, _webhook_body) if settings.webhook_secret else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await to_thread.run_sync(pool.start)
+        if sender is not None:
+            sender.start()
         yield
+        if sender is not None:
+            await to_thread.run_sync(sender.stop)
         await to_thread.run_sync(pool.stop)
 
     # operationIds are the handlers' names (create_merge, get_artifact, ...): what generated clients call
@@ -60,6 +68,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                            allow_headers=["*"], expose_headers=["Location", "ETag", "Retry-After"])
     app.add_middleware(HostAndOrigin, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)
     return app
+
+
+def _webhook_body(job) -> dict:
+    return {"type": "merge.finished", "job": JobPublic.of(job).model_dump(mode="json")}
 
 
 def _spool_uploads_in(data_dir: Path) -> None:

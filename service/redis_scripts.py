@@ -47,7 +47,7 @@ end
 local function held(job, token) return job and job.status == 'running' and job.lease_token == token end
 """
 
-# ARGV: ns, id, key, payload_hash, max_attempts, options, inputs, dispatch, metadata
+# ARGV: ns, id, key, payload_hash, max_attempts, options, inputs, dispatch, metadata, webhook
 _CREATE = """
 local id, key = ARGV[2], ARGV[3]
 if key ~= '' then
@@ -60,7 +60,8 @@ local seq = redis.call('INCR', ns .. ':seq')
 redis.call('HSET', k, 'id', id, 'seq', seq, 'status', 'queued', 'stage', 'queued', 'progress', '0',
   'message', 'waiting for a worker', 'created_at', fmt(t), 'attempts', '0', 'max_attempts', ARGV[5],
   'options', ARGV[6], 'inputs', ARGV[7], 'artifacts', '[]', 'dispatch', ARGV[8], 'dispatched_at', fmt(t),
-  'metadata', ARGV[9])
+  'metadata', ARGV[9], 'webhook', ARGV[10])
+if ARGV[10] ~= '{}' then redis.call('ZADD', ns .. ':webhooks', 0, id) end
 if key ~= '' then redis.call('HSET', k, 'idempotency_key', key) end
 if ARGV[4] ~= '' then redis.call('HSET', k, 'payload_hash', ARGV[4]) end
 redis.call('ZADD', ns .. ':jobs', seq, id)

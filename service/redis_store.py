@@ -15,6 +15,7 @@ Keys (NS = settings.queue_name, "onnxzip" by default):
     NS:status:<status>   sorted set: id by seq, one per status (filtered lists, the oldest queued job,
                          the running jobs the supervisors watch)
     NS:finished          sorted set: id by finished_at (retention)
+    NS:webhooks          sorted set: id by when its webhook is next worth a look (jobs that named one)
     NS:events:<id>       sorted set: event JSON by event id (1, 2, ... within the job)
     NS:key:<key>         string: the job id an Idempotency-Key belongs to
     NS:seq               counter
@@ -36,7 +37,7 @@ from .store import (CANCEL, CANCELLED, CANCELLED_ERROR, FAILED, HELD, LOST, QUEU
 _JOB_FIELDS = {f.name for f in fields(Job)}
 _INTS = {"seq", "attempts", "max_attempts", "worker_pid"}
 _FLOATS = {"progress", "created_at", "started_at", "finished_at", "lease_expires", "cancel_requested_at"}
-_JSON = {"options", "inputs", "artifacts", "result", "metadata"}
+_JSON = {"options", "inputs", "artifacts", "result", "metadata", "webhook"}
 METADATA_SCAN = 10_000  # jobs read for one page of a metadata-filtered list (Redis keeps no index on it)
 
 
@@ -130,7 +131,7 @@ class RedisJobStore:
         def write(pipe, dispatch):
             self._run("create", job.id, key or "", job.payload_hash or "", job.max_attempts,
                       json.dumps(job.options), json.dumps(job.inputs), dispatch, json.dumps(job.metadata),
-                      client=pipe)
+                      json.dumps(job.webhook), client=pipe)
 
         existing, result = self._dispatching(job.id, watch, decide, write)
         if existing is not None:
@@ -277,6 +278,43 @@ class RedisJobStore:
 
     def finished_before(self, cutoff: float) -> list[str]:
         return [_text(i) for i in self.redis.zrangebyscore(self._key("finished"), "-inf", f"({cutoff}")]
+
+    # --- the webhook sender ---------------------------------------------------------------------------
+
+    def webhooks_due(self, now: float, limit: int) -> list[Job]:
+        index = self._key("webhooks")
+        ids = [_text(i) for i in self.redis.zrangebyscore(index, "-inf", now, start=0, num=4 * limit)]
+        due = []
+        for job_id, job in zip(ids, (self.get(i) for i in ids)):
+            if job is None or job.webhook.get("state") != "pending":
+                self.redis.zrem(index, job_id)  # deleted, delivered or given up: nothing more to send
+            elif not job.finished:
+                self.redis.zadd(index, {job_id: now + 1.0}, xx=True)  # look again in a second
+            elif job.webhook.get("next_at", 0.0) <= now and len(due) < limit:
+                due.append(job)
+            else:
+                self.redis.zadd(index, {job_id: job.webhook.get("next_at", now)}, xx=True)
+        return due
+
+    def update_webhook(self, job_id: str, expected: dict, new: dict) -> bool:
+        key = self._key("job", job_id)
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                current = pipe.hget(key, "webhook")
+                if current is None or json.loads(current) != expected:
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                pipe.hset(key, "webhook", json.dumps(new))
+                if new.get("state") == "pending":
+                    pipe.zadd(self._key("webhooks"), {job_id: new["next_at"]})
+                else:
+                    pipe.zrem(self._key("webhooks"), job_id)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
 
     def now(self) -> float:
         seconds, micros = self.redis.time()

@@ -119,6 +119,17 @@ class MergeResult(BaseModel):
                    distilled=(report.get("distill") or {}).get("kept"))
 
 
+class WebhookPublic(BaseModel):
+    """Delivery of a job's completion webhook."""
+
+    url: str
+    state: Literal["pending", "delivered", "failed"] = Field(description="pending until delivered (a 2xx) or "
+                                                                         "failed after the last retry.")
+    attempts: int
+    last_error: Optional[str] = None
+    delivered_at: Optional[datetime] = None
+
+
 class JobPublic(BaseModel):
     """A merge job as clients see it."""
 
@@ -145,6 +156,7 @@ class JobPublic(BaseModel):
     artifacts: list[ArtifactPublic] = Field(description="merged.onnx, report.json and report.html once the job has "
                                                         "succeeded; only the reports when its fidelity gate failed.")
     metadata: dict[str, str] = Field(default_factory=dict, description="The tags the job was submitted with.")
+    webhook: Optional[WebhookPublic] = Field(None, description="Only when the job named a webhook_url.")
     eta_s: Optional[float] = Field(None, description="Seconds until a running job finishes, estimated from the "
                                                      "rate of its progress so far; null while queued, in the first "
                                                      "seconds of a run, and once finished.")
@@ -162,7 +174,10 @@ class JobPublic(BaseModel):
             result=MergeResult(**job.result) if job.result else None,
             artifacts=[ArtifactPublic(**a, media_type=MEDIA_TYPES[a["name"]],
                                       url=f"/v1/merges/{job.id}/artifacts/{a['name']}") for a in job.artifacts],
-            metadata=job.metadata, eta_s=eta_seconds(job))
+            metadata=job.metadata, eta_s=eta_seconds(job),
+            webhook=WebhookPublic(url=job.webhook["url"], state=job.webhook["state"], attempts=job.webhook["attempts"],
+                                  last_error=job.webhook.get("last_error"),
+                                  delivered_at=_time(job.webhook.get("delivered_at"))) if job.webhook else None)
 
 
 ETA_MIN_PROGRESS, ETA_MIN_ELAPSED_S = 0.05, 2.0

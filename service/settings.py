@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         168.0, gt=0, description="Finished jobs (records, inputs and artifacts) are deleted after this.")
     api_token: Optional[SecretStr] = Field(
         None, description="When set, every endpoint but /healthz needs `Authorization: Bearer <token>`.")
+    webhook_secret: Optional[SecretStr] = Field(
+        None, description="Signs completion webhooks (HMAC-SHA256, Standard Webhooks headers); jobs may name a "
+        "webhook_url only when it is set.")
+    webhook_attempts: int = Field(8, ge=1, le=50, description="Tries per webhook before it is marked failed.")
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, le=300, description="Wait before the first retry of a webhook; doubles each try, at most 5 minutes.")
     queue_url: Optional[str] = Field(
         None,
         description="Scale-out: the Redis that holds the job store and the RQ queue (redis://host:6379/0, "
@@ -92,7 +98,7 @@ class Settings(BaseSettings):
                              "or leases expire between heartbeats")
         return self
 
-    @field_validator("api_token", mode="before")
+    @field_validator("api_token", "webhook_secret", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value):
         """ONNXZIP_API_TOKEN='' (compose passing an unset variable through) means no token, never an

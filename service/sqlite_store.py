@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from .store import (CANCEL, CANCELLED, CANCELLED_ERROR, FAILED, HELD, LOST, QUEUED, RUNNING, SUCCEEDED, Event,
-                    Job, worker_lost_message)
+from .store import (CANCEL, CANCELLED, CANCELLED_ERROR, FAILED, HELD, LOST, QUEUED, RUNNING, SUCCEEDED, TERMINAL,
+                    Event, Job, worker_lost_message)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     artifacts TEXT NOT NULL DEFAULT '[]',
     result TEXT NOT NULL DEFAULT '{}',
     metadata TEXT NOT NULL DEFAULT '{}',
+    webhook TEXT NOT NULL DEFAULT '{}',
     error_code TEXT,
     error_message TEXT,
     worker_pid INTEGER,
@@ -63,7 +64,7 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_JSON = ("options", "inputs", "artifacts", "result", "metadata")
+_JSON = ("options", "inputs", "artifacts", "result", "metadata", "webhook")
 _CANCELLED_ERROR = CANCELLED_ERROR
 
 
@@ -82,8 +83,9 @@ class SqliteJobStore:
         columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
         if "result" not in columns:  # a data dir from before job results: add the column, keep the jobs
             self._add_column(conn, "ALTER TABLE jobs ADD COLUMN result TEXT NOT NULL DEFAULT '{}'")
-        if "metadata" not in columns:  # ... and from before job metadata
-            self._add_column(conn, "ALTER TABLE jobs ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'")
+        for name in ("metadata", "webhook"):  # ... and from before job metadata and webhooks
+            if name not in columns:
+                self._add_column(conn, f"ALTER TABLE jobs ADD COLUMN {name} TEXT NOT NULL DEFAULT '{{}}'")
         if "n" not in {row["name"] for row in conn.execute("PRAGMA table_info(events)")}:
             # event ids count within their job (1, 2, ...), as a client resuming a stream expects
             self._add_column(conn, "ALTER TABLE events ADD COLUMN n INTEGER")
@@ -165,10 +167,10 @@ class SqliteJobStore:
                     return self._job(row), False
             c.execute(
                 "INSERT INTO jobs (id, status, stage, message, created_at, max_attempts, options, inputs, "
-                "idempotency_key, payload_hash, metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "idempotency_key, payload_hash, metadata, webhook) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job.id, QUEUED, "queued", "waiting for a worker", time.time(), job.max_attempts,
                  json.dumps(job.options), json.dumps(job.inputs), job.idempotency_key, job.payload_hash,
-                 json.dumps(job.metadata)))
+                 json.dumps(job.metadata), json.dumps(job.webhook)))
             self._event(c, job.id, "status", QUEUED, "queued", 0.0, "waiting for a worker")
         return self.get(job.id), True
 
@@ -328,6 +330,23 @@ class SqliteJobStore:
         rows = self._conn().execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?",
                                     (cutoff,)).fetchall()
         return [r["id"] for r in rows]
+
+    # --- the webhook sender ---------------------------------------------------------------------------
+
+    def webhooks_due(self, now: float, limit: int) -> list[Job]:
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE webhook != '{}' AND status IN (?,?,?) AND json_extract(webhook, '$.state') = "
+            "'pending' AND json_extract(webhook, '$.next_at') <= ? ORDER BY finished_at LIMIT ?",
+            (*sorted(TERMINAL), now, limit)).fetchall()
+        return [self._job(r) for r in rows]
+
+    def update_webhook(self, job_id: str, expected: dict, new: dict) -> bool:
+        with self._write() as c:
+            row = c.execute("SELECT webhook FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or json.loads(row["webhook"]) != expected:
+                return False
+            c.execute("UPDATE jobs SET webhook=? WHERE id=?", (json.dumps(new), job_id))
+        return True
 
     def now(self) -> float:
         return time.time()

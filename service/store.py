@@ -75,6 +75,7 @@ class Job:
     idempotency_key: Optional[str] = None
     payload_hash: Optional[str] = None
     metadata: dict = field(default_factory=dict)  # the client's tags {str: str}, filterable in the list
+    webhook: dict = field(default_factory=dict)  # {url, state, attempts, next_at, ...}: webhooks.py
 
     @property
     def finished(self) -> bool:
@@ -105,7 +106,7 @@ class JobStore(Protocol):
     def find_by_key(self, key: str) -> Optional[Job]: ...
     def page(self, limit: int, before_seq: Optional[int], status: Optional[str],
              metadata: Optional[dict[str, str]] = None) -> list[Job]:
-        """Newest first, `limit` jobs with seq < before_seq."""
+        """Newest first, `limit` jobs with seq < before_seq (and the status and every metadata tag given)."""
     def request_cancel(self, job_id: str) -> Optional[Job]:
         """A queued job is cancelled at once; a running one gets its cancel flag set."""
     def delete(self, job_id: str) -> Optional[Job]:
@@ -131,6 +132,13 @@ class JobStore(Protocol):
     def release(self, job_id: str, token: str, reason: str) -> bool:
         """Give a job back to the queue without counting the attempt (orderly shutdown)."""
     def finished_before(self, cutoff: float) -> list[str]: ...
+
+    # --- the webhook sender (in the API process)
+    def webhooks_due(self, now: float, limit: int) -> list[Job]:
+        """Finished jobs whose webhook is pending and due (next_at <= now)."""
+    def update_webhook(self, job_id: str, expected: dict, new: dict) -> bool:
+        """Compare-and-set of a job's webhook state: False when it is no longer `expected` (another replica
+        claimed it, or the job is gone)."""
     def now(self) -> float:
         """The store's clock: leases and time limits are judged by it (one clock for all machines)."""
     def maintain(self) -> None:

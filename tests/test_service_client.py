@@ -4,13 +4,17 @@ job metadata to tag and filter runs. One real server (token set) for the module.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import importlib
 import io
 import json
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -22,12 +26,14 @@ from test_service_server import (MLP, assert_error, fixture_files, long_calibrat
                                  wait_job, wait_until)
 
 TOKEN = "pipeline-token"
+WEBHOOK_SECRET = "whsec-test-secret"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = start_server(tmp_path_factory, "client", workers=2, cancel_grace_s=2, api_token=TOKEN)
+    server = start_server(tmp_path_factory, "client", workers=2, cancel_grace_s=2, api_token=TOKEN,
+                          webhook_secret=WEBHOOK_SECRET, webhook_backoff_s=0.5, webhook_attempts=4)
     yield server
     server.stop()
     assert "Traceback" not in server.log_path.read_text(), server.log_path.read_text()[-4000:]
@@ -300,3 +306,105 @@ def test_eta_follows_the_rate_of_progress_and_is_null_until_it_means_something()
     assert eta_seconds(job, now=101.0) is None  # too early
     job.status = "succeeded"
     assert eta_seconds(job, now=200.0) is None
+
+
+# --- completion webhooks ---------------------------------------------------------------------------------
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers the first `failures` deliveries with 500, then 204."""
+
+    def __init__(self, failures: int):
+        self.deliveries, self.failures = [], failures
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.deliveries.append((time.monotonic(), dict(self.headers), body))
+                self.send_response(500 if len(outer.deliveries) <= outer.failures else 204)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hooks/onnxzip"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def verify(headers: dict, body: bytes) -> bool:
+    """What a receiver does (Standard Webhooks): HMAC-SHA256 over id.timestamp.body with the shared secret."""
+    headers = {k.lower(): v for k, v in headers.items()}
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(WEBHOOK_SECRET.encode(), signed, hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(f"v1,{expected}", sig) for sig in headers["webhook-signature"].split())
+
+
+def test_a_finished_job_is_posted_to_its_webhook_signed_and_retried_with_backoff(http):
+    receiver = Receiver(failures=2)
+    try:
+        job = submit(http, options='{"share": 1.0}')
+        assert job.status_code == 202
+        job_id = job.json()["id"]
+        # the field rides in the same multipart body; sent again with a webhook it is a new job
+        files = fixture_files()
+        hooked = http.post("/v1/merges", data={"webhook_url": receiver.url, "metadata": '{"run": "hook"}'},
+                           files=[("models", ("a.onnx", files["a.onnx"])), ("models", ("b.onnx", files["b.onnx"])),
+                                  ("calibration", ("calib.npz", files["calib.npz"]))])
+        assert hooked.status_code == 202, hooked.text
+        hooked_id = hooked.json()["id"]
+        assert hooked.json()["webhook"] == {"url": receiver.url, "state": "pending", "attempts": 0,
+                                            "last_error": None, "delivered_at": None}
+        done = wait_until(lambda: (j := http.get(f"/v1/merges/{hooked_id}").json())["webhook"]["state"] != "pending"
+                          and j, 60, 0.1, "the webhook to be delivered")
+        assert done["status"] == "succeeded" and done["webhook"]["state"] == "delivered", done
+        assert done["webhook"]["attempts"] == 3 and done["webhook"]["delivered_at"] is not None
+        assert len(receiver.deliveries) == 3  # two 500s, then the 204; never again after it
+        times = [t for t, _, _ in receiver.deliveries]
+        assert times[1] - times[0] >= 0.5 and times[2] - times[1] >= 1.0  # the wait doubles: 0.5 s, then 1 s
+        for _, headers, body in receiver.deliveries:
+            assert verify(headers, body)
+            payload = json.loads(body)
+            assert payload["type"] == "merge.finished" and payload["job"]["id"] == hooked_id
+            assert payload["job"]["status"] == "succeeded" and payload["job"]["metadata"] == {"run": "hook"}
+            assert {a["name"] for a in payload["job"]["artifacts"]} >= {"merged.onnx", "report.json"}
+        assert not verify({**receiver.deliveries[0][1], "webhook-timestamp": "1"}, receiver.deliveries[0][2])
+        assert wait_job(http, job_id)["webhook"] is None  # a job without one is posted nowhere
+        time.sleep(1.0)
+        assert len(receiver.deliveries) == 3
+    finally:
+        receiver.close()
+
+
+def test_a_webhook_that_never_answers_2xx_ends_failed_after_its_attempts(http):
+    receiver = Receiver(failures=100)
+    try:
+        files = fixture_files()
+        job = http.post("/v1/merges", data={"webhook_url": receiver.url},
+                        files=[("models", ("a.onnx", files["a.onnx"])), ("models", ("b.onnx", files["b.onnx"])),
+                               ("calibration", ("calib.npz", files["calib.npz"]))]).json()
+        done = wait_until(lambda: (j := http.get(f"/v1/merges/{job['id']}").json())["webhook"]["state"] != "pending"
+                          and j, 60, 0.1, "the webhook to give up")
+        assert done["webhook"]["state"] == "failed" and done["webhook"]["attempts"] == 4
+        assert done["webhook"]["last_error"] == "HTTP 500" and len(receiver.deliveries) == 4
+        assert done["status"] == "succeeded"  # the job's own outcome is untouched
+    finally:
+        receiver.close()
+    bad = http.post("/v1/merges", data={"webhook_url": "ftp://example.invalid/x"}, files=_uploads())
+    assert_error(bad, 422, "invalid_request", "webhook_url")
+
+
+def test_webhooks_are_refused_where_the_service_cannot_sign_them():
+    from service.errors import ApiError
+    from service.webhooks import check_url
+
+    with pytest.raises(ApiError) as refused:
+        check_url("http://127.0.0.1:9/hook", secret_set=False)
+    assert refused.value.status == 422 and "ONNXZIP_WEBHOOK_SECRET" in refused.value.message
+    assert check_url("https://ci.example.com/hook", secret_set=True) == "https://ci.example.com/hook"
+    assert check_url(None, secret_set=False) is None

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from onnxzip.errors import InvalidOptionsError
 
+from .. import webhooks
 from ..artifacts import MEDIA_TYPES
 from ..deps import ArtifactsDep, FilesDep, SettingsDep, StoreDep
 from ..errors import ApiError, not_found
@@ -62,7 +63,8 @@ def _accepted(response: Response, job: Job, replayed: bool = False) -> JobPublic
              description="Multipart fields: the models, either uploaded (`models`, two or more .onnx files, in task "
                          "order) or named by file id (`model_ids`, from POST /v1/files); the calibration, uploaded "
                          "(`calibration`, one .npz) or named (`calibration_id`); `options` (optional JSON, "
-                         "MergeOptions) and `metadata` (optional JSON object of strings, to tag and filter jobs). "
+                         "MergeOptions), `metadata` (optional JSON object of strings, to tag and filter jobs) and "
+                         "`webhook_url` (optional: POSTed the job, signed, once it has finished). "
                          "The inputs are checked before the job is queued; answers 202 with the job and its "
                          "Location. With an Idempotency-Key, the same key and payload return the same job.")
 def create_merge(
@@ -80,16 +82,20 @@ def create_merge(
     metadata: Annotated[Optional[str], Form(description='Tags for the job, e.g. {"experiment": "sweep-3"}: at most '
                                                         '16 keys of letters, digits, _ . -; string values of at most '
                                                         '512 characters. Filter the list with ?metadata=key:value.')] = None,
+    webhook_url: Annotated[Optional[str], Form(description="Where to POST the job once it has finished (signed; "
+                                                           "retried with backoff). Needs ONNXZIP_WEBHOOK_SECRET "
+                                                           "on the service.")] = None,
     idempotency_key: Annotated[Optional[str], Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JobPublic:
     merge_options = parse_options_field(options)
     tags = parse_metadata_field(metadata)
+    webhook = webhooks.new_state(webhooks.check_url(webhook_url, settings.webhook_secret is not None))
     model_count = _check_sources(models, model_ids, calibration, calibration_id)
     merge_options.task_names(model_count)
     staging = artifacts.new_staging()
     try:
         inputs = gather_inputs(models, model_ids, calibration, calibration_id, staging, settings, files)
-        digest = payload_hash(inputs, merge_options, tags)
+        digest = payload_hash(inputs, merge_options, {**tags, **({"webhook_url": webhook["url"]} if webhook else {})})
         if idempotency_key is not None and (earlier := store.find_by_key(idempotency_key)) is not None:
             return _replay(response, earlier, digest, idempotency_key)
         check_inputs(inputs, staging, settings)
@@ -98,7 +104,7 @@ def create_merge(
         job, created = store.create(Job(
             id=job_id, status=QUEUED, created_at=time.time(), options=merge_options.model_dump(mode="json"),
             inputs=[i.public() for i in inputs], max_attempts=settings.max_attempts,
-            idempotency_key=idempotency_key, payload_hash=digest, metadata=tags))
+            idempotency_key=idempotency_key, payload_hash=digest, metadata=tags, webhook=webhook))
         if not created:  # a concurrent request with the same key won the race
             artifacts.remove(job_id)
             return _replay(response, job, digest, idempotency_key)
