@@ -23,6 +23,7 @@ from .routers import files, health, merges
 from .schemas import JobPublic
 from .settings import Settings, load_settings
 from .store import open_store
+from .slowclients import protocol_with_read_timeout
 from .uploads import BodyLimit
 from .webhooks import WebhookSender
 from .workers import WorkerPool
@@ -97,4 +98,4 @@ def serve(host: Optional[str] = None, port: Optional[int] = None, **store) -> No
     _spool_uploads_in(Path(settings.data_dir))
     _warn_if_exposed(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, http=protocol_with_read_timeout(settings.read_timeout_s))

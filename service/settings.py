@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         GiB, ge=1,
         description="Largest calibration .npz, as declared uncompressed by its members (a zip-bomb "
         "guard); a few hundred samples need far less.")
+    read_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="A client that sends nothing for this long in the middle of a request "
+        "(its headers or its body) is disconnected: a slow-loris guard.")
     job_timeout_s: float = Field(
         3600.0, gt=0, description="A job running longer than this is stopped and fails with `timeout`.")
     max_attempts: int = Field(

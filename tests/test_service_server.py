@@ -442,3 +442,38 @@ def test_a_worker_started_with_the_servers_data_dir_flag_runs_its_jobs(tmp_path_
         stderr = worker.communicate(timeout=30)[1]
         server.stop()
     assert str(server.data_dir) in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_a_client_that_stalls_mid_request_is_disconnected_and_a_steady_one_is_not(tmp_path_factory):
+    """Slow-loris: half a request line, or a body that stops coming, is closed after ONNXZIP_READ_TIMEOUT_S
+    (1 s here); a client that keeps sending, however slowly, is answered."""
+    server = start_server(tmp_path_factory, "slow", workers=1, read_timeout_s=1)
+    try:
+        def closed_after(first: bytes) -> float:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
+                s.sendall(first)
+                started = time.monotonic()
+                try:
+                    data = s.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                assert data == b"", data[:200]  # nothing answered: just closed
+                return time.monotonic() - started
+
+        assert 0.8 < closed_after(b"GET /v1/merges HTTP/1.1\r\nHost: 127.0.0.1\r\n") < 10
+        body_owed = (b"POST /v1/merges HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     b"boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n")
+        assert 0.8 < closed_after(body_owed) < 10
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
+            for piece in (b"GET /healthz HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"Connection: close\r\n", b"\r\n"):
+                s.sendall(piece)
+                time.sleep(0.6)  # 2.4 s in all, never 1 s silent
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        with server.client() as c:  # ordinary requests are untouched
+            job = submit(c)
+            assert job.status_code == 202 and wait_job(c, job.json()["id"])["status"] == "succeeded"
+    finally:
+        server.stop()
