@@ -86,7 +86,7 @@ def poll(get_merge, client, job_id, statuses=TERMINAL, timeout=120.0):
 
 # --- the generated client --------------------------------------------------------------------------------
 
-def test_generated_client_uploads_runs_follows_and_downloads_a_job(generated, tmp_path):
+def test_generated_client_uploads_runs_follows_and_downloads_a_job(generated, http):
     """Upload (binary parts, options as the MergeOptions schema), poll, events, download merged.onnx and
     report.json, HEAD the artifact: all through generated functions, and the merged model runs."""
     package, server = generated
@@ -121,6 +121,8 @@ def test_generated_client_uploads_runs_follows_and_downloads_a_job(generated, tm
         assert head.headers["etag"] == merged.headers["etag"]
         report = json.loads(download.sync_detailed(job.id, "report.json", client=client).content)
         assert report["tasks"] == ["digit", "mod4"] and report["totals"]["shared_neurons"] > 0
+        part = http.get(f"/v1/merges/{job.id}/artifacts/merged.onnx", headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == merged.content[100:200]  # resumable downloads
 
     model = onnx.load_from_string(merged.content)
     with np.load(MLP / "calib.npz") as f:
