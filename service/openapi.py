@@ -4,8 +4,9 @@ FastAPI (on pydantic 2, OpenAPI 3.1) describes a file part as a string with `con
 client generators read as text, and a JSON form part as an opaque string. Here the document is finished
 so that `openapi-python-client` (and its kind) generate a client that runs a job with nothing patched:
 file parts are `format: binary`, the `options` part is the `MergeOptions` schema sent as
-`application/json`, requests need two or more models, and the bearer scheme is declared, and every 422 has the service's one error shape. Everything
-else (status codes, headers, the event stream, typed bodies) is declared on the routes themselves.
+`application/json`, requests need two or more models, the bearer scheme is declared, and every 422 has
+the service's one error shape. Everything else (status codes, headers, the event stream, typed bodies)
+is declared on the routes themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 
 from .auth import OPEN_PATHS
 
-# Multipart request bodies whose text parts carry JSON: {operationId: {part: schema (a component's name, or inline)}}.
+# Multipart text parts that carry JSON: {operationId: {part: schema (a component's name, or inline)}}.
 JSON_PARTS = {"create_merge": {
     "options": "MergeOptions",
     "metadata": {"type": "object", "title": "JobMetadata", "additionalProperties": {"type": "string"},

@@ -259,16 +259,17 @@ def test_files_refuse_bad_uploads_and_unknown_or_mismatched_ids(http):
     assert_error(damaged, 422, "invalid_model", "broken.onnx")
     nan = io.BytesIO()
     np.savez(nan, input=np.full((4, 64), np.nan, np.float32))
-    assert_error(http.post("/v1/files", files={"file": ("nan.npz", nan.getvalue())}, data={"purpose": "calibration"}),
-                 422, "invalid_calibration", "nan.npz")
+    assert_error(http.post("/v1/files", files={"file": ("nan.npz", nan.getvalue())},
+                           data={"purpose": "calibration"}), 422, "invalid_calibration", "nan.npz")
     model = http.post("/v1/files", files={"file": ("a.onnx", files["a.onnx"])}, data={"purpose": "model"}).json()
     assert_error(http.post("/v1/files", files={"file": ("a.onnx", files["a.onnx"])}, data={"purpose": "calibration"}),
                  409, "file_exists", "already stored as a model")
     calibration = http.post("/v1/files", files={"file": ("c.npz", files["calib.npz"])},
                             data={"purpose": "calibration"}).json()
     unknown = "f" * 64
-    assert_error(http.post("/v1/merges", data={"model_ids": [model["id"], unknown], "calibration_id": calibration["id"]},
-                           files={"unused": ("x", b"")}), 422, "file_not_found", "model_ids[1]")
+    assert_error(http.post("/v1/merges", files={"unused": ("x", b"")},
+                           data={"model_ids": [model["id"], unknown], "calibration_id": calibration["id"]}),
+                 422, "file_not_found", "model_ids[1]")
     assert_error(http.post("/v1/merges", data={"model_ids": [model["id"], calibration["id"]],
                                                "calibration_id": calibration["id"]}, files={"unused": ("x", b"")}),
                  422, "invalid_request", "is a calibration, not a model")

@@ -35,6 +35,6 @@ def require_multipart(request: Request) -> None:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type",
-                       f"send multipart/form-data (got '{content_type or 'no content type'}'): fields models "
-                       "(two or more .onnx files), calibration (one .npz) and options (optional JSON), as "
-                       "curl -F models=@a.onnx -F models=@b.onnx -F calibration=@calib.npz does")
+                       f"send multipart/form-data (got '{content_type or 'no content type'}'), as curl -F does: "
+                       "for a merge the fields models (two or more .onnx files), calibration (one .npz) and "
+                       "options (optional JSON), e.g. -F models=@a.onnx -F models=@b.onnx -F calibration=@calib.npz")

@@ -17,7 +17,8 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 @router.post("", response_model=FilePublic, status_code=201, dependencies=[Depends(require_multipart)],
              responses={**error_responses(409, 413, 415, 422, 507),
-                        200: {"model": FilePublic, "description": "The same bytes were uploaded before: that file."},
+                        200: {"model": FilePublic,
+                              "description": "The same bytes were uploaded before: that file."},
                         201: {"description": "Stored.", "headers": {"Location": {"schema": {"type": "string"}}}}},
              summary="Upload a model or calibration set once, to name it by id in merges",
              description="Multipart fields: `file` and `purpose` (model or calibration). The file passes the "
@@ -42,7 +43,8 @@ async def list_files(files: FilesDep, purpose: Optional[Literal["model", "calibr
     return FileList(items=[FilePublic.of(f) for f in stored])
 
 
-@router.get("/{file_id}", response_model=FilePublic, responses=error_responses(404), summary="An uploaded file's record")
+@router.get("/{file_id}", response_model=FilePublic, responses=error_responses(404),
+            summary="An uploaded file's record")
 def get_file(file_id: str, files: FilesDep) -> FilePublic:
     stored = files.get(_checked(file_id))
     if stored is None:

@@ -79,9 +79,10 @@ def create_merge(
                                                               "(instead of calibration).")] = None,
     options: Annotated[Optional[str], Form(description='Merge options (MergeOptions), e.g. {"share": 1.0, '
                                                        '"tasks": ["a", "b"]}')] = None,
-    metadata: Annotated[Optional[str], Form(description='Tags for the job, e.g. {"experiment": "sweep-3"}: at most '
-                                                        '16 keys of letters, digits, _ . -; string values of at most '
-                                                        '512 characters. Filter the list with ?metadata=key:value.')] = None,
+    metadata: Annotated[Optional[str], Form(description='Tags for the job, e.g. {"experiment": "sweep-3"}: at '
+                                                        'most 16 keys of letters, digits, _ . -; string values of at '
+                                                        'most 512 characters. Filter the list with '
+                                                        '?metadata=key:value.')] = None,
     webhook_url: Annotated[Optional[str], Form(description="Where to POST the job once it has finished (signed; "
                                                            "retried with backoff). Needs ONNXZIP_WEBHOOK_SECRET "
                                                            "on the service.")] = None,
@@ -95,7 +96,8 @@ def create_merge(
     staging = artifacts.new_staging()
     try:
         inputs = gather_inputs(models, model_ids, calibration, calibration_id, staging, settings, files)
-        digest = payload_hash(inputs, merge_options, {**tags, **({"webhook_url": webhook["url"]} if webhook else {})})
+        identity = {**tags, **({"webhook_url": webhook["url"]} if webhook else {})}
+        digest = payload_hash(inputs, merge_options, identity)
         if idempotency_key is not None and (earlier := store.find_by_key(idempotency_key)) is not None:
             return _replay(response, earlier, digest, idempotency_key)
         check_inputs(inputs, staging, settings)
@@ -206,8 +208,10 @@ def cancel_merge(job_id: str, store: StoreDep, response: Response) -> JobPublic:
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a job and its files",
-               responses={**error_responses(404), 200: {"model": DeleteResult, "description": "The job was running: its "
-                                                "merge was cancelled first (the body says so), then it was deleted."},
+               responses={**error_responses(404), 200: {
+                   "model": DeleteResult,
+                   "description": "The job was running: its merge was cancelled first (the body says so), then it "
+                                  "was deleted."},
                           204: {"description": "Deleted (the job was queued or finished)."}},
                description="A queued or finished job: 204. A running job is cancelled first (it loses its lease "
                            "at once; its worker stops within the grace period), then deleted: 200 with a "
@@ -226,8 +230,9 @@ def delete_merge(job_id: str, store: StoreDep, artifacts: ArtifactsDep, settings
 
 
 @router.get("/{job_id}/events", response_model=list[EventPublic],
-            responses={**error_responses(404, 422), 200: {"description": "The events after `after`, oldest first.", "content": {
-                "text/event-stream": {"schema": {"type": "string", "description": SSE_FORMAT}}}}},
+            responses={**error_responses(404, 422), 200: {
+                "description": "The events after `after`, oldest first.",
+                "content": {"text/event-stream": {"schema": {"type": "string", "description": SSE_FORMAT}}}}},
             summary="A job's events (JSON, or server-sent events)",
             description="JSON list of events after `after`. With `Accept: text/event-stream`, server-sent "
                         "events that resume after `Last-Event-ID` and end once the job has finished.")
@@ -283,7 +288,8 @@ _ARTIFACT_RESPONSES = {
                       "text/html": {"schema": {"type": "string"}}}},
     206: {"description": "The requested byte range (local artifact store).",
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-    304: {"description": "Not modified: If-None-Match names the current ETag.", "headers": {"ETag": _ARTIFACT_HEADERS["ETag"]}},
+    304: {"description": "Not modified: If-None-Match names the current ETag.",
+          "headers": {"ETag": _ARTIFACT_HEADERS["ETag"]}},
 }
 _ARTIFACT_DESCRIPTION = ("ETag is the file's sha256; If-None-Match with it answers 304. The body streams from disk "
                          "(Range requests answer 206) or from the S3 bucket, never whole in memory.")
