@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conv Hessians over whole patches (default) or per channel (C x C, cheaper, approximate)")
     m.add_argument("--hessian-rows", type=_rows_cap, metavar="N|auto|all",
                    help="at most N calibration rows per layer feed its Hessian, a random subset of "
-                        "positions but at least 16 per input; 'auto' (default) 64 per input within "
+                        "positions but at least 16 per input (default 32768); 'auto' 64 per input within "
                         "[16384, 32768]; 'all' uses every row")
     m.add_argument("--spill-mb", type=float,
                    help="activations (and the originals' record) larger than this many MiB wait on disk (default 256)")

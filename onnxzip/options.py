@@ -80,13 +80,13 @@ class MergeOptions(BaseModel):
         description="Convolution Hessians over whole k*k*C patches (exact), or per channel (C x C, MTZ's "
         "reference-code approximation): far cheaper for very wide convolutions.")
     hessian_rows: Optional[Union[Annotated[int, Field(ge=1, le=2**40)], Literal["auto"]]] = Field(
-        "auto",
-        description="Calibration rows (im2col patches) per layer that feed its Hessian and its recovery "
-        "targets, a fixed random subset of positions: 'auto' takes 64 per input of the layer (d + 1 with "
-        "the bias) within [16384, 32768] (a 3x3 convolution of 16 channels: 16,384 rows; of 32: 18,496; of 64 "
-        "and wider: 32,768); a number takes at most that many; either way never fewer than 16 per input; null "
-        "uses every row. Neighbouring patches of a big feature map are nearly alike, so a subset costs "
-        "little accuracy and saves most of the capture time.")
+        32768,
+        description="At most this many calibration rows (im2col patches) per layer feed its Hessian and its "
+        "recovery targets, a fixed random subset of positions, but never fewer than 16 per input; 'auto' "
+        "scales them with the layer's inputs: 64 per input (d + 1 with the bias) within [16384, 32768] (a 3x3 "
+        "convolution of 16 channels: 16,384 rows; of 32: 18,496; of 64 and wider: 32,768), faster on narrow "
+        "layers; null uses every row. Neighbouring patches of a big feature map are nearly alike, so a "
+        "subset costs little accuracy and saves most of the capture time on 224x224 models.")
     device_hessians: Optional[bool] = Field(
         None,
         description="Accumulate layer Hessians inside onnxruntime (on the GPU with CUDA) instead of numpy; "

@@ -145,13 +145,13 @@ def test_im2col_patches_equal_the_strided_view_reference_exactly(shape, kernel, 
     np.testing.assert_array_equal(im2col(x, kernel, strides, pads, dilations, index), ref[index])
 
 
-def test_default_rows_scale_with_the_layer_width():
+def test_auto_rows_scale_with_the_layer_width():
     """hessian_rows 'auto': 64 rows per input (d + 1) within [16384, 32768], never more than there are,
     never fewer than 16 per input; a number is still a cap and None still every row."""
     from onnxzip.hessian import auto_rows, kept_rows
     from onnxzip.options import MergeOptions
 
-    assert MergeOptions().hessian_rows == "auto"
+    assert MergeOptions().hessian_rows == 32768 and MergeOptions(hessian_rows="auto").hessian_rows == "auto"
     assert [auto_rows(d) for d in (9, 144, 288, 576, 4608)] == [16384, 16384, 18496, 32768, 32768]
     assert kept_rows(10**6, 288, "auto") == 18496
     assert kept_rows(5000, 144, "auto") == 5000  # fewer rows than that: all of them
