@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(spreads past the edge; default 1.0)")
     m.add_argument("--hessian", choices=["full", "channel"],
                    help="conv Hessians over whole patches (default) or per channel (C x C, cheaper, approximate)")
-    m.add_argument("--hessian-rows", type=_rows_cap, metavar="N|all",
+    m.add_argument("--hessian-rows", type=_rows_cap, metavar="N|auto|all",
                    help="at most N calibration rows per layer feed its Hessian, a random subset of "
-                        "positions but at least 16 per input (default 32768); 'all' uses every row")
+                        "positions but at least 16 per input (default 32768); 'auto' 64 per input within "
+                        "[16384, 32768]; 'all' uses every row")
     m.add_argument("--spill-mb", type=float,
                    help="activations (and the originals' record) larger than this many MiB wait on disk (default 256)")
     m.add_argument("--holdout", type=float, default=0.2,
@@ -162,12 +163,12 @@ def _options(args) -> dict:
 
 
 def _rows_cap(text: str):
-    if text == "all":
+    if text in ("all", "auto"):
         return text
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a row count such as 32768, or 'all'; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a row count such as 32768, 'auto' or 'all'; got {text!r}") from None
 
 
 class _Bars:

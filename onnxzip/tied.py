@@ -15,6 +15,7 @@ import numpy as np
 
 from . import pairing
 from .align import Alignment, JointLayer
+from .blas import small_work
 from .record import OriginalRecord
 from .views import GroupView
 
@@ -83,13 +84,14 @@ def _collect(groups: dict[int, list[JointLayer]], tasks: list[str], record: Orig
         for a, s in enumerate(tasks):
             for t in tasks[a + 1:]:
                 cross[(id(j), s, t)] = 0.0
-        for start in range(0, n, _CHUNK_ROWS):
-            chunk = {t: np.asarray(r[start:start + _CHUNK_ROWS], np.float32) for t, r in rows.items()}
-            for t in tasks:
-                sq[(id(j), t)] = sq[(id(j), t)] + np.einsum("rc,rc->c", chunk[t], chunk[t]).astype(np.float64)
-            for a, s in enumerate(tasks):
-                for t in tasks[a + 1:]:
-                    cross[(id(j), s, t)] = cross[(id(j), s, t)] + (chunk[s].T @ chunk[t]).astype(np.float64)
+        with small_work(max(r.shape[1] for r in rows.values()) + 1):  # (C x C) products: see blas.py
+            for start in range(0, n, _CHUNK_ROWS):
+                chunk = {t: np.asarray(r[start:start + _CHUNK_ROWS], np.float32) for t, r in rows.items()}
+                for t in tasks:
+                    sq[(id(j), t)] = sq[(id(j), t)] + np.einsum("rc,rc->c", chunk[t], chunk[t]).astype(np.float64)
+                for a, s in enumerate(tasks):
+                    for t in tasks[a + 1:]:
+                        cross[(id(j), s, t)] = cross[(id(j), s, t)] + (chunk[s].T @ chunk[t]).astype(np.float64)
         count[id(j)] = n
     return sq, cross, count
 

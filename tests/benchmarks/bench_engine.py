@@ -1,11 +1,16 @@
 """Engine benchmarks: prints markdown tables (the README records a run).
 
     python tests/benchmarks/bench_engine.py [--quick] [--json OUT.json]
+    python tests/benchmarks/bench_engine.py --merge-cost [--repeats 3]   # only table 2b (issue #14)
 
 1. All-pairs cost + optimal assignment for one layer of width n (one matrix product), and the ratio
    against the per-pair loop at n = 256.
 2. Merge wall time divided by the time onnxruntime takes to run both originals over the same
    calibration data (MLP and CNN digit pairs).
+2b. Merge cost against one onnxruntime pass of both originals over the same calibration data, CPU time
+   (user + sys of the process, every thread) and wall, measured one after the other in each repeat:
+   a ResNet-20-like pair (3x32x32, 16/32/64 channels, random weights, built here without PyTorch) with
+   269 calibration images, and the digit pairs; with each task's held-out top-1 agreement.
 3. Both tasks through the merged model (full share) vs the two originals one after the other:
    latency ratio and file size ratio.
 4. Accuracy drop at full share without labels: onnxzip's calibration vs the MTZ paper's formula,
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -111,6 +118,115 @@ def bench_merge_time(case: str, repeats: int):
             "ratio_vs_run": merge_s / run_only, "ratio_vs_load_run": merge_s / load_run}
 
 
+def resnet20(seed: int, classes: int = 10) -> "onnx.ModelProto":
+    """A ResNet-20-like CIFAR network (3x32x32 input; a 3x3 stem of 16 channels, then 3 stages of 3 basic
+    blocks with 16, 32, 64 channels, 1x1 projection shortcuts where the shape changes; global average
+    pool; a Gemm) with He-initialized random weights: convolutions of 145, 289 and 577 inputs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k, s):
+        i = len(inits) // 2
+        w = (rng.normal(size=(cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
+        b = (rng.normal(size=cout) * 0.05).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")])
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[k, k],
+                                      strides=[s, s], pads=[k // 2] * 4))
+        return f"c{i}"
+
+    def relu(x):
+        nodes.append(helper.make_node("Relu", [x], [x + "r"]))
+        return x + "r"
+
+    x, cin = relu(conv("input", 3, 16, 3, 1)), 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for j in range(3):
+            s = stride if j == 0 else 1
+            h = conv(relu(conv(x, cin, cout, 3, s)), cout, cout, 3, 1)
+            short = conv(x, cin, cout, 1, s) if (s != 1 or cin != cout) else x
+            nodes.append(helper.make_node("Add", [h, short], [h + "a"]))
+            x, cin = relu(h + "a"), cout
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fcw", "fcb"], ["logits"], transB=1)]
+    inits += [numpy_helper.from_array((rng.normal(size=(classes, 64)) / 8).astype(np.float32), "fcw"),
+              numpy_helper.from_array(np.zeros(classes, np.float32), "fcb")]
+    graph = helper.make_graph(nodes, "resnet20", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process: ours, BLAS, onnxruntime
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_merge_cost(label: str, models: list[str], calib: str, repeats: int, options=None) -> dict:
+    """Median merge CPU and wall time against one onnxruntime pass of both originals over the same
+    calibration data (optimized sessions made beforehand, batches of 64 like the merge), measured one
+    after the other in each repeat so both see the same machine load; after one warm-up merge."""
+    options = {"share": 1.0, **(options or {})}
+    data = dict(np.load(calib))
+    sessions = _sessions(models)
+
+    def ort_pass():
+        for s in sessions:
+            for start in range(0, len(data["input"]), 64):
+                s.run(None, {"input": data["input"][start:start + 64]})
+
+    onnxzip.merge(models, calib, options)
+    ort_pass()
+    runs = []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), _cpu_s()
+        ort_pass()
+        ort_wall, ort_cpu = time.perf_counter() - t, _cpu_s() - c
+        t, c = time.perf_counter(), _cpu_s()
+        _, report = onnxzip.merge(models, calib, options)
+        runs.append((_cpu_s() - c, time.perf_counter() - t, ort_cpu, ort_wall))
+    merge_cpu, merge_wall, ort_cpu, ort_wall = (statistics.median(r[i] for r in runs) for i in range(4))
+    fidelity = {t: (f["top1_agreement"], f["samples"]) for t, f in report["fidelity"].items()}
+    return {"pair": label, "samples": len(data["input"]), "merge_cpu_s": merge_cpu, "merge_wall_s": merge_wall,
+            "ort_cpu_s": ort_cpu, "ort_wall_s": ort_wall, "cpu_ratio": merge_cpu / ort_cpu,
+            "wall_ratio": merge_wall / ort_wall, "heldout_top1": fidelity}
+
+
+def merge_cost_rows(repeats: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        import onnx
+
+        paths = [str(Path(tmp) / f"resnet20_{s}.onnx") for s in (0, 1)]
+        for seed, path in zip((0, 1), paths):
+            onnx.save(resnet20(seed), path)
+        calib = str(Path(tmp) / "calib.npz")
+        np.savez(calib, input=np.random.default_rng(2).normal(size=(269, 3, 32, 32)).astype(np.float32))
+        rows.append(bench_merge_cost("ResNet-20-like, 32x32", paths, calib, repeats))
+    for case in ("mlp_legacy", "cnn_legacy", "resnet_legacy"):
+        d = CASES / case
+        rows.append(bench_merge_cost(case, [str(d / "a.onnx"), str(d / "b.onnx")], str(d / "calib.npz"), repeats))
+    return rows
+
+
+def print_merge_cost(rows: list[dict]) -> None:
+    print("\n### Merge cost vs one onnxruntime pass of both originals over the same calibration data "
+          "(medians, measured side by side)\n")
+    print("| pair | calibration samples | merge CPU (s) | merge wall (s) | ORT pass CPU (s) | ORT pass wall (s) | "
+          "merge / ORT pass, CPU | merge / ORT pass, wall | held-out top-1 agreement a / b (samples) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        agree = " / ".join(f"{a:.3f}" for a, _ in r["heldout_top1"].values())
+        n = next(iter(r["heldout_top1"].values()))[1]
+        print(f"| {r['pair']} | {r['samples']} | {r['merge_cpu_s']:.2f} | {r['merge_wall_s']:.2f} | "
+              f"{r['ort_cpu_s']:.3f} | {r['ort_wall_s']:.3f} | {r['cpu_ratio']:.1f} | {r['wall_ratio']:.1f} | "
+              f"{agree} ({n}) |")
+
+
 def both_tasks_ms(originals, merged, x: dict, repeats: int) -> tuple[float, float]:
     """Median ms of one batch through the originals one after the other, and through the merged model
     (one onnxruntime thread each; interleaved, so both see the same machine noise)."""
@@ -167,8 +283,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     parser.add_argument("--json", help="also write the raw numbers here")
+    parser.add_argument("--merge-cost", action="store_true",
+                        help="only table 2b: merge CPU and wall against one onnxruntime pass (issue #14)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement (medians)")
     args = parser.parse_args(argv)
-    repeats = 3
+    repeats = args.repeats
+    if args.merge_cost:
+        rows = merge_cost_rows(repeats)
+        print_merge_cost(rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"merge_cost": rows}, indent=2))
+        return
     widths = [256, 1024] if args.quick else [256, 1024, 4096]
     results = {}
 
@@ -193,6 +318,10 @@ def main(argv=None):
     for r in merge_rows:
         print(f"| {r['case']} | {r['merge_s']:.3f} | {r['ort_run_s']:.4f} | {r['ort_load_run_s']:.4f} | "
               f"{r['ratio_vs_run']:.0f} | {r['ratio_vs_load_run']:.1f} |")
+
+    cost_rows = merge_cost_rows(repeats)
+    results["merge_cost"] = cost_rows
+    print_merge_cost(cost_rows)
 
     lat_rows = [bench_latency(c, b, 200 if b == 1 else 50) for c in ("mlp_legacy", "cnn_legacy", "resnet_legacy")
                 for b in (1, 64)]
