@@ -56,6 +56,8 @@ def complete(doc: dict, token_required: bool) -> None:
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
             if path not in OPEN_PATHS:
                 operation["security"] = [{"bearer": []}] if token_required else [{"bearer": []}, {}]
+    for schema in schemas.values():
+        _consts_as_enums(schema)
     for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 shape, never sent here
         schemas.pop(unused, None)
     doc["components"]["securitySchemes"] = {"bearer": {
@@ -88,6 +90,20 @@ def _complete_form(form: dict, op_id: str, schemas: dict) -> None:
             for variant in [prop, *prop.get("anyOf", [])]:
                 if variant.get("type") == "array":
                     variant["minItems"] = count
+
+
+def _consts_as_enums(schema) -> None:
+    """`{"const": "auto"}` as a one-value enum, everywhere: pydantic writes Literal["auto"] as a const, and
+    openapi-python-client parses a union holding a const by checking the const first and raising for
+    every other member (hessian_rows: int | "auto" | null could not read 32768)."""
+    if isinstance(schema, dict):
+        if "const" in schema and schema.get("type") == "string":
+            schema["enum"] = [schema.pop("const")]
+        for value in schema.values():
+            _consts_as_enums(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _consts_as_enums(value)
 
 
 def _binary(schema: dict) -> dict:
