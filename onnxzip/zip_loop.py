@@ -152,9 +152,28 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
             continue
         progress("merge", pos / depth, f"layer {pos + 1}/{depth}: capturing activations")
         _share_same_inputs(state, merged, layers)
+        sides: list[TaskSide] = []
+        result = None
+        # BLAS threads for this layer's Grams and solves: see blas.py
         with small_work(max(int(np.prod(layer.weight.shape[1:])) + 1 for layer in layers.values())):
-            sides, result = _capture_and_zip(state, merged, layers, reuse, options, weights, pos, joint, k,
-                                             view, fixed_views, group, tasks, rng, progress, depth)
+            for t, layer in layers.items():
+                record = reuse.record.get(t, layer) if options.calibrate else None
+                sides.append(_capture(state, merged[t], t, layer, options, weights[t], sides, record))
+                _check_finite(sides[-1], pos + 1)
+            if joint is not None and joint.shareable and (k > 0 or view is not None):
+                progress("merge", (pos + 0.5) / depth, f"layer {pos + 1}/{depth}: pairing and merging")
+                result = zip_layer(sides, k, options, tasks, rng, view=fixed_views.get(group))
+                state.views[group] = result.view
+                for side in sides:
+                    state.weights[(side.task, side.layer.index)] = result.weights[side.task]
+                    if _changed(result.view, side, options):
+                        state.modified[side.task].add(side.layer.index)
+            else:
+                for side in sides:
+                    order = state.out_order(side.task, side.layer)
+                    state.weights[(side.task, side.layer.index)] = task_only(side, order, options)
+                    if options.calibrate and not side.exact:
+                        state.modified[side.task].add(side.layer.index)
         for t in layers:  # the next capture runs this layer, now merged, on its way to the next input
             merged[t].retain([l.input for l in al.models[t].layers[pos + 1:]])
         records.append(StepRecord(pos + 1, layers, joint, result, k, (sides[0].moments.rows, sides[0].available_rows)))
@@ -256,32 +275,6 @@ def _targets(state: ZipState, merged: Frontier, task: str, layer: Layer, record:
             target -= np.take(output_rows(layer, tensor[part], index), to_view, axis=1)
         return target
     return residual_rows
-
-
-def _capture_and_zip(state, merged, layers, reuse, options, weights, pos, joint, k, view, fixed_views, group,
-                     tasks, rng, progress, depth):
-    """One layer position: capture every task's moments, then pair and merge (or refit each task's own)."""
-    sides: list[TaskSide] = []
-    for t, layer in layers.items():
-        record = reuse.record.get(t, layer) if options.calibrate else None
-        sides.append(_capture(state, merged[t], t, layer, options, weights[t], sides, record))
-        _check_finite(sides[-1], pos + 1)
-    result = None
-    if joint is not None and joint.shareable and (k > 0 or view is not None):
-        progress("merge", (pos + 0.5) / depth, f"layer {pos + 1}/{depth}: pairing and merging")
-        result = zip_layer(sides, k, options, tasks, rng, view=fixed_views.get(group))
-        state.views[group] = result.view
-        for side in sides:
-            state.weights[(side.task, side.layer.index)] = result.weights[side.task]
-            if _changed(result.view, side, options):
-                state.modified[side.task].add(side.layer.index)
-    else:
-        for side in sides:
-            order = state.out_order(side.task, side.layer)
-            state.weights[(side.task, side.layer.index)] = task_only(side, order, options)
-            if options.calibrate and not side.exact:
-                state.modified[side.task].add(side.layer.index)
-    return sides, result
 
 
 def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options: MergeOptions, weight: float,
