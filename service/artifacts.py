@@ -76,7 +76,7 @@ class ArtifactStore:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "inputs"
         os.replace(staging, target)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return target
 
     def input_path(self, job_id: str, stored_name: str) -> Path:
@@ -96,7 +96,7 @@ class ArtifactStore:
             return metas, lambda: self.publish(job_id, token)
         sealed = f"attempt-{token}"
         os.replace(work, self.job_dir(job_id) / sealed)
-        _fsync_dir(self.job_dir(job_id))
+        fsync_dir(self.job_dir(job_id))
         return [{**m, "key": f"{sealed}/{m['name']}"} for m in metas], None
 
     def prune(self, job_id: str, token: str) -> None:
@@ -128,22 +128,7 @@ class ArtifactStore:
         return folder
 
     def write(self, folder: Path, name: str, data: bytes) -> dict:
-        """Write `data` as folder/name atomically; returns {name, size, sha256}."""
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                view = memoryview(data)
-                for start in range(0, len(view), _CHUNK):
-                    f.write(view[start:start + _CHUNK])
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, folder / name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return digest(name, data)
+        return write_atomic(folder, name, data)
 
     def publish(self, job_id: str, token: str) -> None:
         """Move the attempt's work folder in place as artifacts/ (call only while holding the lease)."""
@@ -152,7 +137,7 @@ class ArtifactStore:
         if final.exists():  # left by an attempt that died between this rename and its commit
             shutil.rmtree(final)
         os.replace(folder / f"work-{token}", final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     def discard_work(self, job_id: str, token: str) -> None:
         """Remove what an attempt that did not become the job's wrote."""
@@ -178,6 +163,25 @@ class ArtifactStore:
         return removed
 
 
+def write_atomic(folder: Path, name: str, data: bytes) -> dict:
+    """Write `data` as folder/name atomically (temp file, fsync, rename); returns {name, size, sha256}."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            view = memoryview(data)
+            for start in range(0, len(view), _CHUNK):
+                f.write(view[start:start + _CHUNK])
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return digest(name, data)
+
+
 def digest(name: str, data: bytes) -> dict:
     """An artifact's record: {name, size, sha256} (the sha256 is its ETag)."""
     return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -198,7 +202,7 @@ def copy_hashed(source, target: Path, limit: int) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -26,9 +26,9 @@ from typing import Literal, Optional
 
 from onnxzip.load import check_npz, load_model
 
-from .artifacts import _fsync_dir, copy_hashed
+from .artifacts import copy_hashed, fsync_dir, write_atomic
 from .errors import ApiError
-from .uploads import _VALIDATING, client_name, too_large
+from .uploads import VALIDATING, client_name, too_large
 
 Purpose = Literal["model", "calibration"]
 _FILE_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -75,8 +75,8 @@ class FileStore:
             stored = StoredFile(id=sha256, purpose=purpose, name=name, size=size, sha256=sha256,
                                 created_at=time.time())
             os.replace(temp, self.root / sha256)
-            _write_json(self.root / f"{sha256}.json", asdict(stored))
-            _fsync_dir(self.root)
+            write_atomic(self.root, f"{sha256}.json", json.dumps(asdict(stored)).encode())
+            fsync_dir(self.root)
             return stored, True
         finally:
             Path(temp).unlink(missing_ok=True)
@@ -110,6 +110,8 @@ class FileStore:
         return sorted(files, key=lambda f: f.created_at, reverse=True)
 
     def delete(self, file_id: str) -> bool:
+        if not _FILE_ID.match(file_id):
+            return False
         path = self._path(file_id)
         found = path.with_suffix(".json").exists()
         path.with_suffix(".json").unlink(missing_ok=True)  # first: a file without its record is not listed
@@ -126,17 +128,8 @@ class FileStore:
 
 
 def _check(path: Path, purpose: str, name: str, limit: int) -> None:
-    with _VALIDATING:
+    with VALIDATING:
         if purpose == "model":
             load_model(str(path), allow_external_data=False, label=name)
         else:
             check_npz(str(path), max_bytes=limit, label=name)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w") as out:
-        json.dump(data, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)

@@ -29,7 +29,7 @@ from .errors import ApiError, error_response
 from .settings import Settings
 
 # Submit-time checks hold a model and the calibration in memory: at most this many at once.
-_VALIDATING = threading.BoundedSemaphore(2)
+VALIDATING = threading.BoundedSemaphore(2)
 
 
 class UploadTooLarge(HTTPException):
@@ -200,7 +200,7 @@ def check_inputs(inputs: list[StoredInput], staging: Path, settings: Settings) -
     """The engine's checks on the stored files; raises OnnxZipError naming the client's file."""
     models = [i for i in inputs if i.role == "model"]
     calibration = next(i for i in inputs if i.role == "calibration")
-    with _VALIDATING:
+    with VALIDATING:
         specs = {}
         for item in models:
             with _named(item):

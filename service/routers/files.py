@@ -46,7 +46,7 @@ async def list_files(files: FilesDep, purpose: Optional[Literal["model", "calibr
 @router.get("/{file_id}", response_model=FilePublic, responses=error_responses(404),
             summary="An uploaded file's record")
 def get_file(file_id: str, files: FilesDep) -> FilePublic:
-    stored = files.get(_checked(file_id))
+    stored = files.get(file_id.lower())
     if stored is None:
         raise _not_found(file_id)
     return FilePublic.of(stored)
@@ -55,16 +55,9 @@ def get_file(file_id: str, files: FilesDep) -> FilePublic:
 @router.delete("/{file_id}", status_code=204, responses={**error_responses(404), 204: {"description": "Deleted."}},
                summary="Delete an uploaded file (jobs that used it keep their own copy)")
 def delete_file(file_id: str, files: FilesDep) -> Response:
-    if not files.delete(_checked(file_id)):
+    if not files.delete(file_id.lower()):
         raise _not_found(file_id)
     return Response(status_code=204)
-
-
-def _checked(file_id: str) -> str:
-    file_id = file_id.lower()
-    if len(file_id) != 64 or any(c not in "0123456789abcdef" for c in file_id):
-        raise _not_found(file_id)
-    return file_id
 
 
 def _not_found(file_id: str) -> ApiError:

@@ -20,7 +20,7 @@ from onnxzip.errors import InvalidOptionsError
 from .. import webhooks
 from ..artifacts import MEDIA_TYPES
 from ..deps import ArtifactsDep, FilesDep, SettingsDep, StoreDep
-from ..errors import ApiError, not_found
+from ..errors import FIELD_HELP, ApiError, not_found
 from ..schemas import DeleteResult, EventPublic, JobList, JobPublic, JobStatus, Report
 from ..store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from ..uploads import (MAX_METADATA_KEYS, METADATA_KEY, check_inputs, gather_inputs, parse_metadata_field,
@@ -121,9 +121,8 @@ def _check_sources(models, model_ids, calibration, calibration_id) -> int:
         raise InvalidOptionsError("give the models either as files (models) or as file ids (model_ids), not both: "
                                   "the task order would be ambiguous")
     if not models and not model_ids:
-        raise ApiError(422, "invalid_request", "field 'models' is missing: send two or more .onnx files as "
-                                               "-F models=@a.onnx -F models=@b.onnx, or their ids from POST "
-                                               "/v1/files as -F model_ids=ID")
+        raise ApiError(422, "invalid_request", f"field 'models' is missing: send {FIELD_HELP['models']}, or their "
+                                               "ids from POST /v1/files as -F model_ids=ID")
     count = len(models or model_ids)
     if count < 2:
         raise InvalidOptionsError(f"give at least two models to merge, got {count}: repeat the field, "
@@ -132,9 +131,8 @@ def _check_sources(models, model_ids, calibration, calibration_id) -> int:
         raise InvalidOptionsError("give the calibration either as a file (calibration) or as a file id "
                                   "(calibration_id), not both")
     if calibration is None and not calibration_id:
-        raise ApiError(422, "invalid_request", "field 'calibration' is missing: send one .npz as "
-                                               "-F calibration=@calib.npz, or its id from POST /v1/files as "
-                                               "-F calibration_id=ID")
+        raise ApiError(422, "invalid_request", f"field 'calibration' is missing: send {FIELD_HELP['calibration']}, "
+                                               "or its id from POST /v1/files as -F calibration_id=ID")
     return count
 
 
