@@ -42,6 +42,7 @@ local function end_job(k, id, job, status, code, text, artifacts, result)
   redis.call('HDEL', k, 'lease_token', 'lease_expires')
   move(id, job.seq, job.status, status)
   redis.call('ZADD', ns .. ':finished', t, id)
+  if job.webhook and job.webhook ~= '{}' then redis.call('ZADD', ns .. ':webhooks', 0, id) end  -- due now
   event(id, t, 'status', status, stage, progress, message)
 end
 local function held(job, token) return job and job.status == 'running' and job.lease_token == token end
@@ -61,7 +62,6 @@ redis.call('HSET', k, 'id', id, 'seq', seq, 'status', 'queued', 'stage', 'queued
   'message', 'waiting for a worker', 'created_at', fmt(t), 'attempts', '0', 'max_attempts', ARGV[5],
   'options', ARGV[6], 'inputs', ARGV[7], 'artifacts', '[]', 'dispatch', ARGV[8], 'dispatched_at', fmt(t),
   'metadata', ARGV[9], 'webhook', ARGV[10])
-if ARGV[10] ~= '{}' then redis.call('ZADD', ns .. ':webhooks', 0, id) end
 if key ~= '' then redis.call('HSET', k, 'idempotency_key', key) end
 if ARGV[4] ~= '' then redis.call('HSET', k, 'payload_hash', ARGV[4]) end
 redis.call('ZADD', ns .. ':jobs', seq, id)

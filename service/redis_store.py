@@ -15,7 +15,7 @@ Keys (NS = settings.queue_name, "onnxzip" by default):
     NS:status:<status>   sorted set: id by seq, one per status (filtered lists, the oldest queued job,
                          the running jobs the supervisors watch)
     NS:finished          sorted set: id by finished_at (retention)
-    NS:webhooks          sorted set: id by when its webhook is next worth a look (jobs that named one)
+    NS:webhooks          sorted set: id by when its pending webhook is due (finished jobs that named one)
     NS:events:<id>       sorted set: event JSON by event id (1, 2, ... within the job)
     NS:key:<key>         string: the job id an Idempotency-Key belongs to
     NS:seq               counter
@@ -284,12 +284,12 @@ class RedisJobStore:
     def webhooks_due(self, now: float, limit: int) -> list[Job]:
         index = self._key("webhooks")
         ids = [_text(i) for i in self.redis.zrangebyscore(index, "-inf", now, start=0, num=4 * limit)]
+        jobs = {job.id: job for job in self._jobs(ids)}  # one round trip; deleted jobs are missing
         due = []
-        for job_id, job in zip(ids, (self.get(i) for i in ids)):
+        for job_id in ids:
+            job = jobs.get(job_id)
             if job is None or job.webhook.get("state") != "pending":
                 self.redis.zrem(index, job_id)  # deleted, delivered or given up: nothing more to send
-            elif not job.finished:
-                self.redis.zadd(index, {job_id: now + 1.0}, xx=True)  # look again in a second
             elif job.webhook.get("next_at", 0.0) <= now and len(due) < limit:
                 due.append(job)
             else:

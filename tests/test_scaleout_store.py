@@ -29,6 +29,7 @@ from test_service_store import (test_an_idempotency_key_belongs_to_one_job,  # n
                                 test_event_ids_grow_and_resume_after_any_id,
                                 test_pages_are_newest_first_and_never_repeat,
                                 test_pages_filtered_by_metadata_hold_only_matching_jobs_and_page_on,
+                                test_a_webhook_is_due_once_its_job_finishes_and_one_claim_wins,
                                 test_release_on_shutdown_does_not_spend_an_attempt)
 
 INSTALL_HINT = ("redis-server is not installed: the scale-out tests need a real one. Run .ci/run (CI installs it "

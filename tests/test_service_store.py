@@ -148,6 +148,28 @@ def test_pages_filtered_by_metadata_hold_only_matching_jobs_and_page_on(store):
     assert store.page(10, None, QUEUED, {"sweep": "s2"})[0].metadata["sweep"] == "s2"
 
 
+def test_a_webhook_is_due_once_its_job_finishes_and_one_claim_wins(store):
+    """webhooks_due: only finished jobs with a pending webhook whose time has come; update_webhook is a
+    compare-and-set, so of two senders holding the same state one claims it."""
+    from service.webhooks import new_state
+
+    hooked = Job(id=uuid.uuid4().hex, status=QUEUED, created_at=time.time(), options={}, inputs=[], max_attempts=3,
+                 webhook=new_state("http://127.0.0.1:9/hook"))
+    store.create(hooked)
+    new_job(store)  # no webhook: never due
+    assert store.webhooks_due(store.now(), 10) == []  # queued: not yet
+    claimed = store.claim(pid=1, host="h", lease_s=60)
+    assert claimed.id == hooked.id and store.finish(hooked.id, claimed.lease_token, SUCCEEDED)
+    (due,) = store.webhooks_due(store.now(), 10)
+    assert due.id == hooked.id and due.webhook["state"] == "pending"
+    later = {**due.webhook, "next_at": store.now() + 60}
+    assert store.update_webhook(due.id, due.webhook, later) is True
+    assert store.update_webhook(due.id, due.webhook, later) is False  # the state moved on: the second loses
+    assert store.webhooks_due(store.now(), 10) == []  # claimed: due again only after next_at
+    assert store.update_webhook(due.id, later, {**later, "state": "delivered", "next_at": 0.0}) is True
+    assert store.webhooks_due(store.now(), 10) == [] and store.get(due.id).webhook["state"] == "delivered"
+
+
 def test_a_data_dir_from_before_job_results_keeps_its_jobs_and_gains_results(tmp_path):
     """The jobs table of an earlier release has no `result` column: opening it adds the column (twice
     over, as the API and its workers all open the store) and its finished jobs read as before."""
