@@ -38,6 +38,8 @@ class TaskSide:
     exact: bool  # the layer's inputs in the merged model equal its original inputs
     inputs: Optional[np.ndarray] = None  # the layer's inputs in the merged model (all samples)
     available_rows: int = 0  # calibration rows the layer has (moments.rows of them feed its Hessian)
+    # (RowSample index, input rows batch by batch) kept while the other tasks at this position capture
+    patches: Optional[tuple] = None
 
     @property
     def kk(self) -> int:

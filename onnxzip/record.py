@@ -27,6 +27,7 @@ from .align import Alignment
 from .canonicalize import CanonicalModel, Layer
 from .capture import done, new_tensor
 from .hessian import RowSample, output_rows, position_sample
+from .overlap import overlapped
 from .runtime import batches, make_session
 
 
@@ -49,9 +50,9 @@ def residual_sum(model: CanonicalModel, layer: Layer) -> Optional[tuple[str, lis
     return add.outputs[0].name, others
 
 
-# Every recorded output of a batch is alive at once: batches are cut to keep them under this.
-# (ResNet-50 at 224x224: about 60 MB a sample, so batches of 8, which also ran fastest.)
-_BATCH_BYTES = 512 * 2**20
+# Every recorded output of a batch is alive at once, for two batches (one running, one being kept):
+# batches are cut to keep each under this. (ResNet-50 at 224x224: about 60 MB a sample, batches of 4.)
+_BATCH_BYTES = 256 * 2**20
 
 
 def _batch(model: CanonicalModel, names: list[str], batch_size: int) -> int:
@@ -98,10 +99,15 @@ class OriginalRecord:
         n = len(next(iter(feeds.values())))
         batch = model.fixed_batch or _batch(model, names, options.batch_size)
         stores, totals = {}, {}
-        for part in batches(n, batch):
-            out = dict(zip(names, session.run(names, {k: v[part] for k, v in feeds.items()})))
+
+        def runs():
+            for part in batches(n, batch):
+                yield part, dict(zip(names, session.run(names, {k: v[part] for k, v in feeds.items()})))
+
+        def keep(ran) -> None:
+            part, out = ran
             if not stores:
-                stores = self._allocate(al, task, layers, sums, out, n, options, spill_dir, spill_bytes)
+                stores.update(self._allocate(al, task, layers, sums, out, n, options, spill_dir, spill_bytes))
             for layer in layers:
                 record = self.records[(task, layer.index)]
                 index, span = record.sample.batch(part), record.sample.span(part)
@@ -114,6 +120,9 @@ class OriginalRecord:
                     total, squares = totals.get(layer.index, (0.0, 0.0))
                     totals[layer.index] = (total + values.sum(axis=(0, 2), dtype=np.float64),
                                            squares + np.einsum("ncp,ncp->c", values, values).astype(np.float64))
+
+        # the next batch runs in onnxruntime while this one's rows are kept (overlap.py)
+        overlapped(runs(), keep)
         for (index, kind), store in stores.items():
             if kind == "rows":
                 self.records[(task, index)].rows = done(store)

@@ -20,6 +20,7 @@ from .hessian import (ChannelMoments, KroneckerMoments, Moments, RowMoments, lay
                       position_sample, rows_per_sample)
 from .layerzip import TaskSide, ZipResult, task_only, zip_layer
 from .options import MergeOptions
+from .overlap import overlapped
 from .runtime import resolve_providers
 from .state import ZipState
 from .record import LayerRecord, OriginalRecord, activation_after, residual_sum
@@ -32,6 +33,12 @@ Progress = Callable[[str, float, str], None]  # (stage, fraction of that stage, 
 # A layer with fewer calibration rows than this times its inputs keeps its rows instead of a Gram
 # (low-rank Hessian, lowrank.py): cheaper in memory and in solves below 1, same math at any value.
 ROWS_MODE_BELOW = 1.0
+# A layer's capture makes the next batch's patches while the last one's moments accumulate, holding two
+# batches of patches, unless one batch takes more than this (every row of a 224x224 stem: ~0.5 GB).
+OVERLAP_BATCH_BYTES = 256 * 2**20
+# The first task's patches at a layer are kept for the next task's identical inputs (a shared trunk)
+# unless all of them together take more than this; then the next task makes its own.
+KEEP_PATCHES_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -158,8 +165,11 @@ def zip_layers(prepared: Prepared, options: MergeOptions, progress: Progress, ca
         with small_work(max(int(np.prod(layer.weight.shape[1:])) + 1 for layer in layers.values())):
             for t, layer in layers.items():
                 record = reuse.record.get(t, layer) if options.calibrate else None
-                sides.append(_capture(state, merged[t], t, layer, options, weights[t], sides, record))
+                sides.append(_capture(state, merged[t], t, layer, options, weights[t], sides, record,
+                                      keep_patches=len(sides) + 1 < len(layers)))
                 _check_finite(sides[-1], pos + 1)
+            for side in sides:
+                side.patches = None  # used by the other tasks' captures only
             if joint is not None and joint.shareable and (k > 0 or view is not None):
                 progress("merge", (pos + 0.5) / depth, f"layer {pos + 1}/{depth}: pairing and merging")
                 result = zip_layer(sides, k, options, tasks, rng, view=fixed_views.get(group))
@@ -278,9 +288,11 @@ def _targets(state: ZipState, merged: Frontier, task: str, layer: Layer, record:
 
 
 def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options: MergeOptions, weight: float,
-             others, record: Optional[LayerRecord]) -> TaskSide:
+             others, record: Optional[LayerRecord], keep_patches: bool = False) -> TaskSide:
     """Moments of the layer's inputs in the merged model (and cross moments with its original
-    pre-activations, from the record, when calibrating), streamed batch by batch."""
+    pre-activations, from the record, when calibrating), streamed batch by batch. `keep_patches`: keep
+    the input rows on the side (TaskSide.patches) for a later task whose inputs may be identical."""
+    twin = None
     before = others[-1] if others else None
     like = {layer.input: before.inputs} if before is not None and before.inputs is not None else None
     (x,) = merged.compute([layer.input], lambda nodes: state.substitutions(task, nodes), like=like)
@@ -328,20 +340,40 @@ def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options
                                        layer.width if options.calibrate else None, gram=shared_gram)
         else:
             moments = Moments(dim, layer.width if options.calibrate else None, gram=shared_gram)
-    for start in range(0, len(x), options.batch_size):
-        part = slice(start, min(len(x), start + options.batch_size))
-        index = sample.batch(part)
-        if index is not None and len(index) == 0:
-            continue
-        rows = layer_rows(layer, x[part], index)
-        y_rows = targets(part) if targets is not None else None
-        if y_rows is not None and layer.depthwise:
-            y_rows = y_rows[:, order]  # targets in view order, like the filters and inputs
-        if flat is not None:
-            lo_hi = (flat.lo[order], flat.hi[order]) if layer.depthwise else (flat.lo, flat.hi)
-            y_rows = FlatRange(*lo_hi).targets(y_rows, _response(layer, rows, w, b))
-        moments.update(rows, y_rows)
-    return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x, sample.total)
+    # The twin's patches (identical inputs, same rows) are this layer's too: made once, not once per task.
+    reused = (iter(twin.patches[1]) if not layer.depthwise and twin is not None and twin.patches is not None
+              and _same_rows(twin.patches[0], sample.index) else None)
+    kept = ([] if keep_patches and reused is None and not layer.depthwise
+            and 4 * (dim + 1) * sample.kept <= KEEP_PATCHES_BYTES else None)
+
+    def batches():
+        for start in range(0, len(x), options.batch_size):
+            part = slice(start, min(len(x), start + options.batch_size))
+            index = sample.batch(part)
+            if index is not None and len(index) == 0:
+                continue
+            rows = next(reused) if reused is not None else layer_rows(layer, x[part], index)
+            if kept is not None:
+                kept.append(rows)
+            y_rows = targets(part) if targets is not None else None
+            if y_rows is not None and layer.depthwise:
+                y_rows = y_rows[:, order]  # targets in view order, like the filters and inputs
+            if flat is not None:
+                lo_hi = (flat.lo[order], flat.hi[order]) if layer.depthwise else (flat.lo, flat.hi)
+                y_rows = FlatRange(*lo_hi).targets(y_rows, _response(layer, rows, w, b))
+            yield rows, y_rows
+
+    # patches and targets of the next batch are made while this one's moments accumulate (overlap.py),
+    # unless two batches of patches at once would take too much memory
+    batch_bytes = 4 * (dim + 1) * sample.kept * min(options.batch_size, len(x)) / max(len(x), 1)
+    overlapped(batches(), lambda batch: moments.update(*batch), enabled=batch_bytes <= OVERLAP_BATCH_BYTES)
+    return TaskSide(task, layer, moments, weight, imap, w, b, state.input_exact(task, layer), x, sample.total,
+                    patches=(sample.index, kept) if kept is not None else None)
+
+
+def _same_rows(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+    """Do two RowSample indices pick the same rows (None: every row)?"""
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def _check_finite(side: TaskSide, position: int) -> None:

@@ -396,3 +396,66 @@ def test_a_segment_every_task_computes_the_same_way_runs_once_and_is_held_once()
     del kept
     gc.collect()
     assert cache.get(("k",)) is None
+
+
+def test_a_shared_trunk_makes_each_layers_patches_once_and_merges_as_when_each_task_makes_its_own(monkeypatch):
+    """At full share every task's layer reads the trunk's very tensor: the second task takes the first's
+    im2col patches instead of making them again (one layer_rows call per batch and position, not one per
+    task), and the merged model is exactly the one each task's own patches give."""
+    from onnxzip import zip_loop
+
+    calls = []
+    real = zip_loop.layer_rows
+    monkeypatch.setattr(zip_loop, "layer_rows", lambda layer, *a: calls.append(layer.name) or real(layer, *a))
+    reused, report = merge_case("resnet_legacy", share=1.0)
+    shared_positions = sum(1 for row in report["layers"] if row["computed_once"])
+    once = len(calls)
+    calls.clear()
+    monkeypatch.setattr(zip_loop, "KEEP_PATCHES_BYTES", 0)  # nothing kept: every task makes its own
+    own, _ = merge_case("resnet_legacy", share=1.0)
+    assert shared_positions >= 5 and len(calls) >= once + shared_positions, (once, len(calls))
+    test = load_test_split("resnet_legacy")
+    for name, value in run(own, test).items():
+        np.testing.assert_array_equal(run(reused, test)[name], value)
+
+
+def test_patches_made_while_the_last_batch_accumulates_give_the_same_merged_model(monkeypatch):
+    """The capture overlaps making a batch's patches with the previous batch's Gram (and the record
+    overlaps onnxruntime with keeping rows): consumed in order, so the sums, and the merged model, are
+    bit for bit those of the plain loop."""
+    from onnxzip import overlap, zip_loop
+
+    overlapped, _ = merge_case("resnet_legacy", share=0.5)
+    monkeypatch.setattr(zip_loop, "OVERLAP_BATCH_BYTES", 0)  # the plain loop in the capture
+    real = overlap.overlapped
+    monkeypatch.setattr("onnxzip.record.overlapped", lambda items, consume: real(items, consume, enabled=False))
+    plain, _ = merge_case("resnet_legacy", share=0.5)
+    test = load_test_split("resnet_legacy")
+    for name, value in run(plain, test).items():
+        np.testing.assert_array_equal(run(overlapped, test)[name], value)
+
+
+def test_overlapped_consumes_in_order_and_raises_what_either_stage_raised():
+    from onnxzip.overlap import overlapped
+
+    for enabled in (True, False):
+        seen = []
+        overlapped(iter(range(7)), seen.append, enabled=enabled)
+        assert seen == list(range(7))
+
+        def produce():
+            yield 1
+            raise ValueError("producer failed")
+
+        with pytest.raises(ValueError, match="producer failed"):
+            overlapped(produce(), seen.append, enabled=enabled)
+
+        def consume(item):
+            if item == 2:
+                raise KeyError("consumer failed")
+            seen.append(item)
+
+        seen.clear()
+        with pytest.raises(KeyError, match="consumer failed"):
+            overlapped(iter(range(5)), consume, enabled=enabled)
+        assert seen == [0, 1]
