@@ -10,7 +10,8 @@
 2b. Merge cost against one onnxruntime pass of both originals over the same calibration data, CPU time
    (user + sys of the process, every thread) and wall, measured one after the other in each repeat:
    a ResNet-20-like pair (3x32x32, 16/32/64 channels, random weights, built here without PyTorch) with
-   269 calibration images, and the digit pairs; with each task's held-out top-1 agreement.
+   269 calibration images, and the digit pairs; with each task's held-out top-1 agreement, and the
+   multiply-adds of the layer Hessians and cross moments against those of one pass (the arithmetic floor).
 3. Both tasks through the merged model (full share) vs the two originals one after the other:
    latency ratio and file size ratio.
 4. Accuracy drop at full share without labels: onnxzip's calibration vs the MTZ paper's formula,
@@ -21,6 +22,7 @@ Every time is the median of several runs measured side by side in one process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -179,7 +181,9 @@ def bench_merge_cost(label: str, models: list[str], calib: str, repeats: int, op
             for start in range(0, len(data["input"]), 64):
                 s.run(None, {"input": data["input"][start:start + 64]})
 
-    onnxzip.merge(models, calib, options)
+    with counted_hessian_macs() as hessian_macs:
+        _, report = onnxzip.merge(models, calib, options)
+    pass_macs = report["totals"]["macs_before"] * len(data["input"])
     ort_pass()
     runs = []
     for _ in range(repeats):
@@ -193,7 +197,29 @@ def bench_merge_cost(label: str, models: list[str], calib: str, repeats: int, op
     fidelity = {t: (f["top1_agreement"], f["samples"]) for t, f in report["fidelity"].items()}
     return {"pair": label, "samples": len(data["input"]), "merge_cpu_s": merge_cpu, "merge_wall_s": merge_wall,
             "ort_cpu_s": ort_cpu, "ort_wall_s": ort_wall, "cpu_ratio": merge_cpu / ort_cpu,
-            "wall_ratio": merge_wall / ort_wall, "heldout_top1": fidelity}
+            "wall_ratio": merge_wall / ort_wall, "heldout_top1": fidelity,
+            "hessian_macs_per_pass": hessian_macs[0] / pass_macs}
+
+
+@contextlib.contextmanager
+def counted_hessian_macs():
+    """Multiply-adds of the Hessians (X^T X, its symmetric half, as BLAS's syrk does it) and of the cross
+    moments (X^T Y) made while inside: the floor of the merge's own arithmetic, beside one pass's."""
+    from onnxzip import hessian
+
+    count = [0]
+    real = hessian.Moments.update
+
+    def update(self, x, y=None):
+        d = x.shape[1] + 1
+        count[0] += len(x) * ((d * (d + 1) // 2 if self.own_gram else 0) + (d * y.shape[1] if y is not None else 0))
+        return real(self, x, y)
+
+    hessian.Moments.update = update
+    try:
+        yield count
+    finally:
+        hessian.Moments.update = real
 
 
 def merge_cost_rows(repeats: int) -> list[dict]:
@@ -217,14 +243,15 @@ def print_merge_cost(rows: list[dict]) -> None:
     print("\n### Merge cost vs one onnxruntime pass of both originals over the same calibration data "
           "(medians, measured side by side)\n")
     print("| pair | calibration samples | merge CPU (s) | merge wall (s) | ORT pass CPU (s) | ORT pass wall (s) | "
-          "merge / ORT pass, CPU | merge / ORT pass, wall | held-out top-1 agreement a / b (samples) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "merge / ORT pass, CPU | merge / ORT pass, wall | Hessian multiply-adds / one pass's | "
+          "held-out top-1 agreement a / b (samples) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         agree = " / ".join(f"{a:.3f}" for a, _ in r["heldout_top1"].values())
         n = next(iter(r["heldout_top1"].values()))[1]
         print(f"| {r['pair']} | {r['samples']} | {r['merge_cpu_s']:.2f} | {r['merge_wall_s']:.2f} | "
               f"{r['ort_cpu_s']:.3f} | {r['ort_wall_s']:.3f} | {r['cpu_ratio']:.1f} | {r['wall_ratio']:.1f} | "
-              f"{agree} ({n}) |")
+              f"{r['hessian_macs_per_pass']:.2f} | {agree} ({n}) |")
 
 
 def both_tasks_ms(originals, merged, x: dict, repeats: int) -> tuple[float, float]:
