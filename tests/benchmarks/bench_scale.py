@@ -144,7 +144,7 @@ def main(argv=None):
             rows.append({"arch": arch, "samples": n, **result, "ort_both_s": ort_s,
                          "ratio": result["seconds"] / ort_s})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| models | calibration | merge (s) | peak memory (GB) | ORT pass, both originals (s) | merge / ORT |")
+    print("\n| models | calibration | merge (s) | peak memory (GiB) | ORT pass, both originals (s) | merge / ORT |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| 2 x {r['arch']} | {r['samples']} x 3x224x224 | {r['seconds']:.0f} | {r['max_rss_kb'] / 2**20:.2f} | "
