@@ -37,7 +37,7 @@ ROWS_MODE_BELOW = 1.0
 # batches of patches, unless one batch takes more than this (every row of a 224x224 stem: ~0.5 GB).
 OVERLAP_BATCH_BYTES = 256 * 2**20
 # The first task's patches at a layer are kept for the next task's identical inputs (a shared trunk)
-# unless all of them together take more than this; then the next task makes its own.
+# unless all of them together take more than this (or than --spill-mb); then the next task makes its own.
 KEEP_PATCHES_BYTES = 256 * 2**20
 
 
@@ -344,7 +344,7 @@ def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options
     reused = (iter(twin.patches[1]) if not layer.depthwise and twin is not None and twin.patches is not None
               and _same_rows(twin.patches[0], sample.index) else None)
     kept = ([] if keep_patches and reused is None and not layer.depthwise
-            and 4 * (dim + 1) * sample.kept <= KEEP_PATCHES_BYTES else None)
+            and 4 * (dim + 1) * sample.kept <= min(KEEP_PATCHES_BYTES, merged.spill_bytes) else None)
 
     def batches():
         for start in range(0, len(x), options.batch_size):
