@@ -341,7 +341,7 @@ def _capture(state: ZipState, merged: Frontier, task: str, layer: Layer, options
         else:
             moments = Moments(dim, layer.width if options.calibrate else None, gram=shared_gram)
     # The twin's patches (identical inputs, same rows) are this layer's too: made once, not once per task.
-    reused = (iter(twin.patches[1]) if not layer.depthwise and twin is not None and twin.patches is not None
+    reused = (iter(twin.patches[1]) if twin is not None and twin.patches is not None  # no twin if depthwise
               and _same_rows(twin.patches[0], sample.index) else None)
     kept = ([] if keep_patches and reused is None and not layer.depthwise
             and 4 * (dim + 1) * sample.kept <= min(KEEP_PATCHES_BYTES, merged.spill_bytes) else None)
